@@ -1,0 +1,250 @@
+"""``runtools-gateway`` subcommands: thin wrappers over the gateway and keystore packages.
+
+Every command reads the same Config (``--config FILE`` plus ``RTGW_*`` variables). Errors print
+one line to stderr, saying what to do, and exit 1 (2 for usage errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from gateway import hostkeys, logs
+from gateway.config import Config
+from gateway.errors import GatewayError
+from keystore import db as keystore_db
+from keystore import keys as keyparse
+from keystore import orgs, sandboxes, ssh_keys
+from keystore.errors import KeystoreError
+from keystore.migrate import migrate
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return Config.load(getattr(args, "config", None))
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, default=str))
+
+
+async def cmd_serve(args: argparse.Namespace) -> int:
+    from gateway.server import Gateway
+
+    config = _config(args)
+    logs.configure(config.log.level, config.log.format)
+    await Gateway(config).run()
+    return 0
+
+
+async def cmd_migrate(args: argparse.Namespace) -> int:
+    config = _config(args)
+    async with keystore_db.connect(config.database.url) as conn:
+        applied = await migrate(conn)
+    print("applied: " + ", ".join(applied) if applied else "schema is up to date")
+    return 0
+
+
+async def cmd_org_create(args: argparse.Namespace) -> int:
+    config = _config(args)
+    async with keystore_db.connect(config.database.url) as conn:
+        org = await orgs.create_org(conn, args.slug, args.name)
+    print(f"created organization {org.slug} ({org.id})")
+    return 0
+
+
+async def cmd_sandbox_add(args: argparse.Namespace) -> int:
+    config = _config(args)
+    host_keys = []
+    for line in args.host_key:
+        try:
+            host_keys.append(keyparse.parse_public_key(line).public_key)
+        except KeystoreError as exc:
+            raise KeystoreError(f"--host-key: {exc}") from exc
+    async with keystore_db.connect(config.database.url) as conn:
+        org = await orgs.get_org(conn, args.org)
+        project = await orgs.get_project(conn, org.id, args.project)
+        await sandboxes.add_sandbox(
+            conn,
+            sandbox_id=args.id,
+            org_id=org.id,
+            project_id=project.id,
+            upstream_host=args.host,
+            upstream_port=args.port,
+            login_user=args.user,
+            host_keys=host_keys,
+            status=args.status,
+        )
+    print(f"added {args.id} to {org.slug} -> {args.user}@{args.host}:{args.port}")
+    return 0
+
+
+async def cmd_sandbox_set_status(args: argparse.Namespace) -> int:
+    config = _config(args)
+    async with keystore_db.connect(config.database.url) as conn:
+        sandboxes.check_sandbox_id(args.id)
+        org_id = await sandboxes.find_org_of_sandbox(conn, args.id)
+        await sandboxes.set_status(conn, org_id, args.id, args.status)
+    print(f"{args.id} is now {args.status}")
+    return 0
+
+
+async def cmd_sandbox_list(args: argparse.Namespace) -> int:
+    config = _config(args)
+    async with keystore_db.connect(config.database.url) as conn:
+        org = await orgs.get_org(conn, args.org)
+        rows = await sandboxes.list_sandboxes(conn, org.id)
+    for s in rows:
+        print(f"{s.id}\t{s.status}\t{s.login_user}@{s.upstream_host}:{s.upstream_port}")
+    return 0
+
+
+async def cmd_ssh_key_add(args: argparse.Namespace) -> int:
+    config = _config(args)
+    path = Path(args.file)
+    try:
+        if path.stat().st_size > keyparse.MAX_PUBLIC_KEY_CHARS:
+            text = "x" * (keyparse.MAX_PUBLIC_KEY_CHARS + 1)
+        else:
+            text = path.read_text("utf-8", errors="replace")
+    except OSError as exc:
+        raise GatewayError(f"cannot read {args.file}: {exc.strerror}") from exc
+    parsed = keyparse.parse_public_key(text)
+    name = args.name or parsed.comment or path.name
+    async with keystore_db.connect(config.database.url) as conn:
+        org = await orgs.get_org(conn, args.org)
+        project = await orgs.get_project(conn, org.id, args.project)
+        key = await ssh_keys.add_key(
+            conn, org_id=org.id, project_id=project.id, key=parsed, name=name
+        )
+    print(key.fingerprint)
+    print(
+        f"registered {key.algorithm} {key.bits} bits as {key.name!r} (id {key.id})", file=sys.stderr
+    )
+    return 0
+
+
+async def cmd_ssh_key_list(args: argparse.Namespace) -> int:
+    config = _config(args)
+    async with keystore_db.connect(config.database.url) as conn:
+        org = await orgs.get_org(conn, args.org)
+        keys = await ssh_keys.list_keys(conn, org.id, include_revoked=args.all, limit=10000)
+    for k in keys:
+        state = "revoked" if k.revoked_at else "active"
+        used = k.last_used_at.isoformat(timespec="seconds") if k.last_used_at else "never"
+        print(
+            f"{k.id}\t{k.fingerprint}\t{k.algorithm}\t{k.bits}\t{k.name}\t{state}\tlast used {used}"
+        )
+    return 0
+
+
+async def cmd_ssh_key_revoke(args: argparse.Namespace) -> int:
+    config = _config(args)
+    async with keystore_db.connect(config.database.url) as conn:
+        org = await orgs.get_org(conn, args.org)
+        key = await ssh_keys.revoke_key(conn, org.id, args.key)
+    print(f"revoked {key.fingerprint} ({key.name})")
+    return 0
+
+
+async def cmd_upstream_key(args: argparse.Namespace) -> int:
+    config = _config(args)
+    key = hostkeys.load_upstream_key(config.state.dir)
+    print(hostkeys.public_line(key))
+    return 0
+
+
+async def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    return await run_demo(ssh_port=args.port, key_file=args.key)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="runtools-gateway", description="SSH access gateway for runtools sandboxes."
+    )
+    parser.add_argument("--config", help="TOML config file (RTGW_* variables override it)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(
+        name: str,
+        func: Callable[[argparse.Namespace], Awaitable[int]],
+        help_: str,
+        parent: Any = sub,
+    ) -> argparse.ArgumentParser:
+        p: argparse.ArgumentParser = parent.add_parser(name, help=help_, description=help_)
+        p.set_defaults(func=func)
+        return p
+
+    add("serve", cmd_serve, "run the gateway (SSH listener and key API)")
+    add("migrate", cmd_migrate, "apply pending database migrations")
+    add(
+        "upstream-key",
+        cmd_upstream_key,
+        "print the public key sandboxes must trust (creates it on first use)",
+    )
+    demo = add("demo", cmd_demo, "run a self-contained demo: Postgres, a sandbox and the gateway")
+    demo.add_argument("--port", type=int, default=2222, help="SSH port for the demo gateway")
+    demo.add_argument("--key", help="public key file to register (default: ~/.ssh/*.pub)")
+
+    org = sub.add_parser("org", help="organizations").add_subparsers(dest="sub", required=True)
+    p = add("create", cmd_org_create, "create an organization", org)
+    p.add_argument("slug")
+    p.add_argument("--name")
+
+    sb = sub.add_parser("sandbox", help="sandboxes").add_subparsers(dest="sub", required=True)
+    p = add("add", cmd_sandbox_add, "register a sandbox's SSH endpoint", sb)
+    p.add_argument("id", help="sandbox-<id>")
+    p.add_argument("--org", required=True)
+    p.add_argument("--project", help="project slug (default: the org's default project)")
+    p.add_argument("--host", required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--user", required=True, help="login user inside the sandbox")
+    p.add_argument(
+        "--host-key",
+        action="append",
+        required=True,
+        help='pinned host key "ssh-ed25519 AAAA..." (repeatable)',
+    )
+    p.add_argument("--status", choices=sandboxes.STATUSES, default="running")
+    p = add("set-status", cmd_sandbox_set_status, "mark a sandbox running or stopped", sb)
+    p.add_argument("id")
+    p.add_argument("status", choices=sandboxes.STATUSES)
+    p = add("list", cmd_sandbox_list, "list an organization's sandboxes", sb)
+    p.add_argument("--org", required=True)
+
+    keys = sub.add_parser("ssh-key", help="SSH keys").add_subparsers(dest="sub", required=True)
+    p = add("add", cmd_ssh_key_add, "register a public key for an organization", keys)
+    p.add_argument("file", help="public key file (id_ed25519.pub)")
+    p.add_argument("--org", required=True)
+    p.add_argument("--name")
+    p.add_argument("--project")
+    p = add("list", cmd_ssh_key_list, "list an organization's keys", keys)
+    p.add_argument("--org", required=True)
+    p.add_argument("--all", action="store_true", help="include revoked keys")
+    p = add("revoke", cmd_ssh_key_revoke, "revoke a key by id or SHA256: fingerprint", keys)
+    p.add_argument("key", metavar="FINGERPRINT_OR_ID")
+    p.add_argument("--org", required=True)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = asyncio.run(args.func(args))
+        return code
+    except (KeystoreError, GatewayError) as exc:
+        print(f"runtools-gateway: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

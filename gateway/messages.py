@@ -1,0 +1,91 @@
+"""Every message a user can see, each with a stable reason code.
+
+The reason code goes into logs, audit rows and metrics; the text goes to the user's terminal
+(auth banner before login, one stderr line after). Texts say what happened and what to do next,
+and never reveal whether a sandbox exists to someone who has not authenticated.
+
+| code                        | when                                                    | exit |
+|-----------------------------|---------------------------------------------------------|------|
+| key_not_registered          | offered key is not registered for the sandbox's org,     |  -   |
+|                             | or the sandbox does not exist (same text, on purpose)   |      |
+| invalid_login_name          | login name is not sandbox-<id>                          |  -   |
+| too_many_auth_failures      | more refused keys than ssh.max_auth_tries               |  -   |
+| keystore_unavailable        | the database did not answer; login refused (fail closed)|  -   |
+| sandbox_stopped             | authenticated, but the sandbox is stopped               | 255  |
+| upstream_unreachable        | the sandbox's SSH endpoint did not answer in time       | 255  |
+| upstream_host_key_mismatch  | the sandbox presented a host key that is not pinned     | 255  |
+| upstream_auth_failed        | the sandbox refused the gateway's upstream identity     | 255  |
+| upstream_refused            | the sandbox refused the session or channel request      | 255  |
+| too_many_sessions           | more channels than ssh.max_sessions_per_connection      |  -   |
+| gateway_draining            | the gateway is restarting                                |  -   |
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Exit status for failures of the gateway itself, as OpenSSH's ssh uses for its own errors.
+GATEWAY_EXIT_STATUS = 255
+
+
+@dataclass(frozen=True, slots=True)
+class Reason:
+    code: str
+    text: str
+
+    def render(self, **values: object) -> str:
+        return "runtools: " + self.text.format(**values)
+
+
+KEY_NOT_REGISTERED = Reason(
+    "key_not_registered",
+    "none of the keys offered so far is registered for this sandbox's organization.\n"
+    "If your login is refused: check the sandbox id, then register your public key with\n"
+    "  {hint}\nand connect again.",
+)
+INVALID_LOGIN_NAME = Reason(
+    "invalid_login_name",
+    "'{login}' is not a sandbox login. Connect as sandbox-<id>, e.g. ssh sandbox-abc123@<gateway>.",
+)
+TOO_MANY_AUTH_FAILURES = Reason(
+    "too_many_auth_failures",
+    "too many keys refused. Register your key ({hint}) or pick it with "
+    "ssh -i ~/.ssh/KEY -o IdentitiesOnly=yes.",
+)
+KEYSTORE_UNAVAILABLE = Reason(
+    "keystore_unavailable",
+    "the gateway cannot check keys right now, so it refuses all logins. "
+    "Try again in a minute; if it persists, check status.runtools.ai.",
+)
+SANDBOX_STOPPED = Reason(
+    "sandbox_stopped",
+    "{sandbox} is stopped. Start it (runtools sandbox start {sandbox}) and connect again.",
+)
+UPSTREAM_UNREACHABLE = Reason(
+    "upstream_unreachable",
+    "{sandbox} did not answer within {seconds:g} s. It may be starting or overloaded; "
+    "try again in a minute (connection id {conn_id}).",
+)
+UPSTREAM_HOST_KEY_MISMATCH = Reason(
+    "upstream_host_key_mismatch",
+    "{sandbox} presented an unexpected host key, so the gateway refused to connect you. "
+    "Contact support with connection id {conn_id}.",
+)
+UPSTREAM_AUTH_FAILED = Reason(
+    "upstream_auth_failed",
+    "{sandbox} refused the gateway's login. The sandbox image must trust the gateway's "
+    "upstream key; contact support with connection id {conn_id}.",
+)
+UPSTREAM_REFUSED = Reason(
+    "upstream_refused",
+    "{sandbox} refused the request ({detail}). Try again; if it persists, contact support "
+    "with connection id {conn_id}.",
+)
+TOO_MANY_SESSIONS = Reason(
+    "too_many_sessions",
+    "too many sessions on one connection (limit {limit}). Close some or open a new connection.",
+)
+GATEWAY_DRAINING = Reason(
+    "gateway_draining",
+    "the gateway is restarting; your session will end in {seconds:g} s. Reconnect to continue.",
+)

@@ -1,0 +1,346 @@
+"""Relay of one session channel between the user's client and the sandbox.
+
+asyncssh's built-in tunnelling of sessions drops exit status and refuses sftp, so the relay is
+a hand-written pair: ``ClientSide`` (an SSHServerSession facing the user) and ``SandboxSide``
+(an SSHClientSession facing the sandbox). Whatever the client asks for (pty, shell, exec, any
+subsystem, env) is replayed on an upstream channel; data, EOF, window changes, signals, break,
+exit status and exit signal flow back and forth. Flow control is end to end: when one side's
+send buffer fills, the other side stops reading, which stops SSH window adjusts, which pushes
+back on the sender.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncssh
+from structlog.typing import FilteringBoundLogger
+
+from gateway import messages
+from gateway.errors import UpstreamError
+
+# OpenSSH's sshd accepts at most this many environment variables per session.
+MAX_ENV_VARS = 128
+MAX_ENV_BYTES = 32 * 1024
+
+
+@dataclass(slots=True)
+class SessionSummary:
+    """What the audit trail records when a session ends."""
+
+    kind: str = "shell"  # shell | exec | subsystem:<name>
+    started_at: float = field(default_factory=time.monotonic)
+    bytes_up: int = 0  # client -> sandbox
+    bytes_down: int = 0  # sandbox -> client
+    exit_status: int | None = None
+    exit_signal: str | None = None
+    reason: str | None = None  # a messages code when the gateway ended it
+
+    @property
+    def duration_seconds(self) -> float:
+        return time.monotonic() - self.started_at
+
+
+def filtered_env(env: Any) -> dict[bytes, bytes]:
+    """At most MAX_ENV_VARS variables and MAX_ENV_BYTES in all, like sshd."""
+    out: dict[bytes, bytes] = {}
+    total = 0
+    for key, value in env.items():
+        total += len(key) + len(value)
+        if len(out) >= MAX_ENV_VARS or total > MAX_ENV_BYTES:
+            break
+        out[key] = value
+    return out
+
+
+class SandboxSide(asyncssh.SSHClientSession[bytes]):
+    """The upstream half: what the sandbox says goes to the user's channel."""
+
+    def __init__(self, peer: ClientSide) -> None:
+        self._peer = peer
+        self._chan: asyncssh.SSHClientChannel[bytes] | None = None
+
+    def connection_made(self, chan: asyncssh.SSHClientChannel[bytes]) -> None:  # type: ignore[override]
+        self._chan = chan
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self._peer.deliver(data, datatype)
+
+    def eof_received(self) -> bool:
+        self._peer.upstream_eof()
+        return True  # keep our side open: the client may still send (half-close)
+
+    def exit_status_received(self, status: int) -> None:
+        self._peer.summary.exit_status = status
+        self._peer.upstream_exited()
+
+    def exit_signal_received(self, signal: str, core_dumped: bool, msg: str, lang: str) -> None:
+        self._peer.exit_signal = (signal, core_dumped, msg, lang)
+        self._peer.summary.exit_signal = signal
+        self._peer.upstream_exited()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._peer.upstream_closed(exc)
+
+    def pause_writing(self) -> None:
+        self._peer.pause_client_reading()
+
+    def resume_writing(self) -> None:
+        self._peer.resume_client_reading()
+
+
+class ClientSide(asyncssh.SSHServerSession[bytes]):
+    """The user-facing half. Accepts the request, then opens the same thing upstream."""
+
+    def __init__(
+        self,
+        *,
+        upstream: Callable[[], Awaitable[asyncssh.SSHClientConnection]],
+        sandbox_id: str,
+        conn_id: str,
+        log: FilteringBoundLogger,
+        on_end: Callable[[SessionSummary], None],
+    ) -> None:
+        self._upstream = upstream
+        self._sandbox_id = sandbox_id
+        self._conn_id = conn_id
+        self._log = log
+        self._on_end = on_end
+        self._chan: asyncssh.SSHServerChannel[bytes] | None = None
+        self._up_chan: asyncssh.SSHClientChannel[bytes] | None = None
+        self._pending: list[tuple[bytes, asyncssh.DataType]] = []
+        self._pending_eof = False
+        self._pty: tuple[str, tuple[int, int, int, int], dict[int, int]] | None = None
+        self._command: str | None = None
+        self._subsystem: str | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._ended = False
+        self._upstream_eof = False
+        self._exit_reported = False
+        self.exit_signal: tuple[str, bool, str, str] | None = None
+        self.summary = SessionSummary()
+
+    # --- requests from the client (RFC 4254 section 6) ---
+
+    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:  # type: ignore[override]
+        self._chan = chan
+        # Hold the client's input until the upstream channel exists; the SSH window then
+        # pushes back on the client instead of us buffering without bound.
+        chan.pause_reading()
+
+    def pty_requested(
+        self, term_type: str, term_size: tuple[int, int, int, int], term_modes: Mapping[int, int]
+    ) -> bool:
+        self._pty = (term_type, term_size, dict(term_modes))
+        return True
+
+    def shell_requested(self) -> bool:
+        self.summary.kind = "shell"
+        return True
+
+    def exec_requested(self, command: str) -> bool:
+        self._command = command
+        self.summary.kind = "exec"
+        return True
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        self._subsystem = subsystem
+        self.summary.kind = f"subsystem:{subsystem}"
+        return True
+
+    def session_started(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._open_upstream())
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        self.summary.bytes_up += len(data)
+        if self._up_chan is None:
+            self._pending.append((data, datatype))
+        else:
+            self._up_chan.write(data)
+
+    def eof_received(self) -> bool:
+        if self._up_chan is None:
+            self._pending_eof = True
+        else:
+            self._up_chan.write_eof()
+        return True  # half-close: the sandbox may still answer
+
+    def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
+        if self._pty is not None:
+            self._pty = (self._pty[0], (width, height, pixwidth, pixheight), self._pty[2])
+        if self._up_chan is not None:
+            self._up_chan.change_terminal_size(width, height, pixwidth, pixheight)
+
+    def break_received(self, msec: int) -> bool:
+        if self._up_chan is None:
+            return False
+        self._up_chan.send_break(msec)
+        return True
+
+    def signal_received(self, signal: str) -> None:
+        if self._up_chan is not None:
+            self._up_chan.send_signal(signal)
+
+    def pause_writing(self) -> None:
+        if self._up_chan is not None:
+            self._up_chan.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self._up_chan is not None:
+            self._up_chan.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The user's channel is gone (closed, or the whole connection dropped)."""
+        self._closed = True
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        if self._up_chan is not None:
+            self._up_chan.close()
+        self._finish()
+
+    # --- called by SandboxSide ---
+
+    def deliver(self, data: bytes, datatype: asyncssh.DataType) -> None:
+        if self._chan is None or self._closed:
+            return
+        self.summary.bytes_down += len(data)
+        self._chan.write(data, datatype)
+
+    # Ordering matters to OpenSSH clients: a ControlMaster closes a mux session as soon as it
+    # has seen EOF both ways, so the exit status must reach the client no later than our EOF.
+    # asyncssh reports the exit status as soon as it arrives but EOF only after all data before
+    # it was delivered; so we hold the sandbox's EOF until the exit is known, then send
+    # EOF + exit-status + close together (``_report_exit``).
+
+    def upstream_eof(self) -> None:
+        self._upstream_eof = True
+        if self._exit_known():
+            self._report_exit()
+
+    def upstream_exited(self) -> None:
+        if self._upstream_eof:
+            self._report_exit()
+
+    def _exit_known(self) -> bool:
+        return self.exit_signal is not None or self.summary.exit_status is not None
+
+    def _report_exit(self) -> None:
+        chan = self._chan
+        if chan is None or self._closed or self._exit_reported:
+            return
+        self._exit_reported = True
+        chan.write_eof()
+        if self.exit_signal is not None:
+            signal, core, msg, lang = self.exit_signal
+            chan.exit_with_signal(signal, core, msg, lang)
+        elif self.summary.exit_status is not None:
+            chan.exit(self.summary.exit_status)
+        else:
+            chan.close()
+
+    def upstream_closed(self, exc: Exception | None) -> None:
+        """The sandbox closed its channel: every byte has been delivered; report the exit."""
+        chan = self._chan
+        if chan is None or self._closed or self._exit_reported:
+            return
+        if self._exit_known() or exc is None:
+            self._report_exit()
+        else:
+            self._fail(
+                messages.UPSTREAM_REFUSED.render(
+                    sandbox=self._sandbox_id, detail="connection lost", conn_id=self._conn_id
+                ),
+                messages.UPSTREAM_REFUSED.code,
+            )
+
+    def pause_client_reading(self) -> None:
+        if self._chan is not None and not self._closed:
+            self._chan.pause_reading()
+
+    def resume_client_reading(self) -> None:
+        if self._chan is not None and not self._closed:
+            self._chan.resume_reading()
+
+    # --- internals ---
+
+    async def _open_upstream(self) -> None:
+        assert self._chan is not None
+        chan = self._chan
+        try:
+            conn = await self._upstream()
+            kwargs: dict[str, Any] = {
+                "env": filtered_env(chan.get_environment_bytes()),
+                "encoding": None,
+            }
+            if self._pty is not None:
+                term_type, term_size, term_modes = self._pty
+                kwargs.update(
+                    request_pty="force",
+                    term_type=term_type,
+                    term_size=term_size,
+                    term_modes=term_modes,
+                )
+            else:
+                kwargs["request_pty"] = False
+            if self._subsystem is not None:
+                kwargs["subsystem"] = self._subsystem
+            up_chan, _ = await conn.create_session(
+                lambda: SandboxSide(self), self._command, **kwargs
+            )
+        except UpstreamError as exc:
+            self._fail(exc.detail, exc.reason_code)
+            return
+        except asyncssh.ChannelOpenError as exc:
+            self._fail(
+                messages.UPSTREAM_REFUSED.render(
+                    sandbox=self._sandbox_id, detail=exc.reason, conn_id=self._conn_id
+                ),
+                messages.UPSTREAM_REFUSED.code,
+            )
+            return
+        except (OSError, asyncssh.Error) as exc:
+            self._log.warning("upstream_session_failed", error=str(exc))
+            self._fail(
+                messages.UPSTREAM_REFUSED.render(
+                    sandbox=self._sandbox_id, detail=type(exc).__name__, conn_id=self._conn_id
+                ),
+                messages.UPSTREAM_REFUSED.code,
+            )
+            return
+        if self._closed:
+            up_chan.close()
+            return
+        self._up_chan = up_chan
+        for data, datatype in self._pending:
+            up_chan.write(data, datatype)
+        self._pending.clear()
+        if self._pending_eof:
+            up_chan.write_eof()
+        chan.resume_reading()
+
+    def _fail(self, text: str, reason: str) -> None:
+        """One line on stderr, nothing on stdout, exit 255."""
+        self.summary.reason = reason
+        self.summary.exit_status = messages.GATEWAY_EXIT_STATUS
+        if self._up_chan is not None:
+            self._up_chan.close()
+        chan = self._chan
+        if chan is None or self._closed or self._exit_reported:
+            return
+        self._exit_reported = True
+        chan.write_stderr(text.encode() + b"\r\n" if self._pty else text.encode() + b"\n")
+        chan.exit(messages.GATEWAY_EXIT_STATUS)
+
+    def _finish(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self._on_end(self.summary)
+
+    def close(self, text: str, reason: str) -> None:
+        """End the session from the gateway's side (drain deadline, key revoked)."""
+        self._fail(text, reason)

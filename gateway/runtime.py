@@ -1,0 +1,26 @@
+"""What every connection shares: config, the database pool, keys, the audit writer, counters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import asyncssh
+
+from gateway.audit import AuditWriter
+from gateway.config import Config
+from keystore.db import Executor
+
+if TYPE_CHECKING:
+    from gateway.ssh_server import GatewayConnection
+
+
+@dataclass(slots=True)
+class Runtime:
+    config: Config
+    db: Executor
+    upstream_key: asyncssh.SSHKey
+    audit: AuditWriter
+    connections: set[GatewayConnection] = field(default_factory=set)
+    unauthenticated: int = 0
+    draining: bool = False

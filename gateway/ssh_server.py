@@ -1,0 +1,317 @@
+"""The asyncssh server: authentication callbacks and per-connection bookkeeping.
+
+One ``GatewayConnection`` per TCP connection. Auth decisions are made here from data loaded
+once in ``begin_auth`` (one query per connection, whatever the number of keys offered); after
+auth, the upstream connection is opened in the background and shared by every channel of this
+client connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from typing import Any
+
+import asyncssh
+import structlog
+from structlog.typing import FilteringBoundLogger
+
+from gateway import asyncssh_patches, messages, upstream
+from gateway.errors import UpstreamError
+from gateway.login import sandbox_id_from_login
+from gateway.relay import ClientSide, SessionSummary
+from gateway.runtime import Runtime
+from keystore import sandboxes, ssh_keys
+from keystore.audit_events import AuditEvent
+from keystore.errors import Unavailable
+from keystore.models import AuthorizedKey, SandboxAccess
+
+asyncssh_patches.apply()
+
+_log = structlog.get_logger("gateway.ssh")
+
+
+def new_conn_id() -> str:
+    return secrets.token_hex(6)
+
+
+def canonical_line(key: asyncssh.SSHKey) -> str:
+    """``TYPE BASE64`` without comment, the form stored in ssh_keys.public_key."""
+    parts = key.export_public_key("openssh").decode().split()
+    return f"{parts[0]} {parts[1]}"
+
+
+class GatewayConnection(asyncssh.SSHServer):
+    def __init__(self, runtime: Runtime) -> None:
+        self._rt = runtime
+        self.conn_id = new_conn_id()
+        self.log: FilteringBoundLogger = _log.bind(conn_id=self.conn_id)
+        self._conn: asyncssh.SSHServerConnection | None = None
+        self._peer: str | None = None
+        self._authenticated = False
+        self._counted_unauth = False
+        self._login: str | None = None
+        self._sandbox_id: str | None = None
+        self._access: SandboxAccess | None = None
+        self._refusal: str | None = None  # reason code when no key can be accepted
+        self._accepted: AuthorizedKey | None = None
+        self._refused = 0
+        self._banner_sent = False
+        self._upstream: asyncio.Task[asyncssh.SSHClientConnection] | None = None
+        self._sessions: set[ClientSide] = set()
+        self._started = time.monotonic()
+
+    # --- connection lifecycle ---
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self._conn = conn
+        peer = conn.get_extra_info("peername")
+        self._peer = str(peer[0]) if peer else None
+        self.log = self.log.bind(peer=self._peer)
+        rt = self._rt
+        if rt.draining or rt.unauthenticated >= rt.config.ssh.max_unauthenticated:
+            # Too early for a DISCONNECT message (no version exchange yet): just drop it.
+            self.log.warning(
+                "connection_dropped",
+                reason="gateway_draining" if rt.draining else "too_many_unauthenticated",
+            )
+            conn.abort()
+            return
+        rt.unauthenticated += 1
+        self._counted_unauth = True
+        rt.connections.add(self)
+        self.log.info("connection_open")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        rt = self._rt
+        self._uncount_unauth()
+        rt.connections.discard(self)
+        if self._upstream is not None:
+            self._upstream.cancel()
+            if self._upstream.done() and not self._upstream.cancelled():
+                if self._upstream.exception() is None:
+                    self._upstream.result().close()
+        self.log.info(
+            "connection_closed",
+            error=str(exc) if exc else None,
+            authenticated=self._authenticated,
+            duration_seconds=round(time.monotonic() - self._started, 3),
+        )
+
+    def _uncount_unauth(self) -> None:
+        if self._counted_unauth:
+            self._counted_unauth = False
+            self._rt.unauthenticated -= 1
+
+    # --- authentication (RFC 4252) ---
+
+    async def begin_auth(self, username: str) -> bool:
+        self._login = username
+        self._access = None
+        self._refusal = None
+        sandbox_id = sandbox_id_from_login(username)
+        if sandbox_id is None:
+            self._refusal = messages.INVALID_LOGIN_NAME.code
+            self._banner(messages.INVALID_LOGIN_NAME.render(login=_printable(username)))
+            return True
+        self._sandbox_id = sandbox_id
+        self.log = self.log.bind(sandbox=sandbox_id)
+        t0 = time.perf_counter()
+        try:
+            self._access = await sandboxes.access_for(self._rt.db, sandbox_id)
+        except Unavailable as exc:
+            self._refusal = messages.KEYSTORE_UNAVAILABLE.code
+            self.log.error("keystore_unavailable", error=str(exc))
+            self._banner(messages.KEYSTORE_UNAVAILABLE.render())
+            return True
+        finally:
+            self.log.debug("auth_lookup", seconds=round(time.perf_counter() - t0, 6))
+        if self._access is None:
+            self._refusal = "unknown_sandbox"  # logged as such, shown as key_not_registered
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        fingerprint = key.get_fingerprint("sha256")
+        if self._accepted is not None and self._accepted.fingerprint == fingerprint:
+            return True  # second call, with the signature, for the key already accepted
+        match = None
+        if self._access is not None:
+            match = self._access.key_for(fingerprint, canonical_line(key))
+        if match is not None:
+            self._accepted = match
+            return True
+        self._refused += 1
+        reason = self._refusal or messages.KEY_NOT_REGISTERED.code
+        self._audit_auth("refused", reason, fingerprint)
+        if self._refusal in (None, "unknown_sandbox"):
+            self._banner(
+                messages.KEY_NOT_REGISTERED.render(hint=self._rt.config.ssh.register_key_hint)
+            )
+        if self._refused >= self._rt.config.ssh.max_auth_tries:
+            raise asyncssh.PermissionDenied(
+                messages.TOO_MANY_AUTH_FAILURES.render(hint=self._rt.config.ssh.register_key_hint)
+            )
+        return False
+
+    def password_auth_supported(self) -> bool:
+        return False
+
+    def kbdint_auth_supported(self) -> bool:
+        return False
+
+    def auth_completed(self) -> None:
+        assert self._access is not None and self._accepted is not None
+        self._authenticated = True
+        self._uncount_unauth()
+        sandbox = self._access.sandbox
+        self.log = self.log.bind(org=sandbox.org_slug, key=self._accepted.fingerprint)
+        self._audit_auth("ok", None, self._accepted.fingerprint)
+        self.log.info("auth_ok")
+        asyncio.get_running_loop().create_task(self._touch_key(sandbox.org_id, self._accepted))
+        if sandbox.status == "running":
+            self._upstream = asyncio.get_running_loop().create_task(self._connect_upstream())
+
+    async def _touch_key(self, org_id: Any, key: AuthorizedKey) -> None:
+        with contextlib.suppress(Unavailable):
+            await ssh_keys.touch_last_used(self._rt.db, org_id, key.id)
+
+    async def _connect_upstream(self) -> asyncssh.SSHClientConnection:
+        assert self._access is not None
+        sandbox = self._access.sandbox
+        target = upstream.Target(
+            sandbox_id=sandbox.id,
+            host=sandbox.upstream_host,
+            port=sandbox.upstream_port,
+            user=sandbox.login_user,
+            host_keys=sandbox.host_keys,
+        )
+        t0 = time.perf_counter()
+        try:
+            conn = await upstream.connect(
+                target,
+                client_key=self._rt.upstream_key,
+                config=self._rt.config.upstream,
+                conn_id=self.conn_id,
+            )
+        except UpstreamError as exc:
+            level = (
+                "error"
+                if exc.reason_code == messages.UPSTREAM_HOST_KEY_MISMATCH.code
+                else "warning"
+            )
+            getattr(self.log, level)(
+                "upstream_failed",
+                reason=exc.reason_code,
+                upstream=f"{sandbox.upstream_host}:{sandbox.upstream_port}",
+                error=str(exc.__cause__) if exc.__cause__ else None,
+            )
+            raise
+        self.log.info("upstream_connected", seconds=round(time.perf_counter() - t0, 4))
+        return conn
+
+    async def upstream_connection(self) -> asyncssh.SSHClientConnection:
+        """The shared upstream connection; UpstreamError with a user message if unusable."""
+        assert self._access is not None
+        sandbox = self._access.sandbox
+        if self._upstream is None:
+            raise UpstreamError(
+                messages.SANDBOX_STOPPED.code, messages.SANDBOX_STOPPED.render(sandbox=sandbox.id)
+            )
+        return await asyncio.shield(self._upstream)
+
+    # --- channels (RFC 4254) ---
+
+    def session_requested(self) -> asyncssh.SSHServerSession[bytes] | bool:
+        limit = self._rt.config.ssh.max_sessions_per_connection
+        if len(self._sessions) >= limit or self._rt.draining:
+            self.log.warning("session_refused", reason=messages.TOO_MANY_SESSIONS.code)
+            return False
+        assert self._access is not None
+        session = ClientSide(
+            upstream=self.upstream_connection,
+            sandbox_id=self._access.sandbox.id,
+            conn_id=self.conn_id,
+            log=self.log,
+            on_end=lambda summary: self._session_ended(session, summary),
+        )
+        self._sessions.add(session)
+        self.log.info("session_open")
+        return session
+
+    def _session_ended(self, session: ClientSide, summary: SessionSummary) -> None:
+        self._sessions.discard(session)
+        assert self._access is not None and self._accepted is not None
+        details = {
+            "conn_id": self.conn_id,
+            "kind": summary.kind,
+            "bytes_up": summary.bytes_up,
+            "bytes_down": summary.bytes_down,
+            "duration_seconds": round(summary.duration_seconds, 3),
+            "exit_status": summary.exit_status,
+            "exit_signal": summary.exit_signal,
+        }
+        self._rt.audit.record(
+            AuditEvent(
+                action="ssh.session",
+                result="error" if summary.reason else "ok",
+                reason=summary.reason,
+                org_id=self._access.sandbox.org_id,
+                actor=self._accepted.fingerprint,
+                target=self._access.sandbox.id,
+                source_ip=self._peer,
+                details=details,
+            )
+        )
+
+    def connection_requested(
+        self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
+    ) -> Any:
+        """``ssh -L`` / ``-D``: open the TCP connection from inside the sandbox."""
+        conn = self._conn
+        if conn is None or self._upstream is None:
+            return False
+        self.log.info("direct_tcpip", dest=f"{dest_host}:{dest_port}")
+
+        async def open_through_sandbox() -> Any:
+            up = await self.upstream_connection()
+            return await conn.forward_tunneled_connection(up, dest_host, dest_port)
+
+        return open_through_sandbox()
+
+    # --- helpers ---
+
+    def close_sessions(self, text: str, reason: str) -> None:
+        for session in list(self._sessions):
+            session.close(text, reason)
+
+    def _banner(self, text: str) -> None:
+        if self._banner_sent or self._conn is None:
+            return
+        self._banner_sent = True
+        self._conn.send_auth_banner(text + "\n")
+
+    def _audit_auth(self, result: str, reason: str | None, fingerprint: str) -> None:
+        sandbox = self._access.sandbox if self._access else None
+        self.log.info("auth", result=result, reason=reason, fingerprint=fingerprint)
+        self._rt.audit.record(
+            AuditEvent(
+                action="ssh.auth",
+                result=result,
+                reason=reason,
+                org_id=sandbox.org_id if sandbox else None,
+                actor=fingerprint,
+                target=self._sandbox_id or _printable(self._login or ""),
+                source_ip=self._peer,
+                details={"conn_id": self.conn_id},
+            )
+        )
+
+
+def _printable(text: str) -> str:
+    """A login name made safe for logs and banners: printable ASCII, at most 80 characters."""
+    return "".join(c if 32 <= ord(c) < 127 else "?" for c in text[:80])

@@ -1,0 +1,83 @@
+"""Connections from the gateway to a sandbox's own sshd.
+
+The sandbox's host key must be one of the keys pinned in its sandboxes row; anything else is
+refused (and logged loudly by the caller). The gateway logs in with its own upstream identity,
+whose public line ``runtools-gateway upstream-key`` prints for sandbox images to trust.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import asyncssh
+
+from gateway import algorithms, messages
+from gateway.config import UpstreamConfig
+from gateway.errors import UpstreamError
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    sandbox_id: str
+    host: str
+    port: int
+    user: str
+    host_keys: tuple[str, ...]
+
+
+def pinned_keys(lines: tuple[str, ...]) -> list[asyncssh.SSHKey]:
+    keys = []
+    for line in lines:
+        try:
+            keys.append(asyncssh.import_public_key(line))
+        except (asyncssh.KeyImportError, ValueError):
+            continue  # a broken pin can never match; the connection then fails closed
+    return keys
+
+
+async def connect(
+    target: Target,
+    *,
+    client_key: asyncssh.SSHKey,
+    config: UpstreamConfig,
+    conn_id: str,
+) -> asyncssh.SSHClientConnection:
+    """Open an authenticated connection, or raise UpstreamError with a user-facing message."""
+    values = {"sandbox": target.sandbox_id, "conn_id": conn_id}
+    trusted = pinned_keys(target.host_keys)
+    try:
+        return await asyncio.wait_for(
+            asyncssh.connect(
+                target.host,
+                target.port,
+                username=target.user,
+                client_keys=[client_key],
+                known_hosts=(trusted, [], []),
+                agent_path=None,
+                agent_forwarding=False,
+                preferred_auth="publickey",
+                password=None,
+                kbdint_auth=False,
+                connect_timeout=config.connect_timeout_seconds,
+                keepalive_interval=config.keepalive_interval_seconds,
+                keepalive_count_max=config.keepalive_count_max,
+                config=None,
+                **algorithms.common_options(),  # type: ignore[arg-type]
+            ),
+            timeout=config.connect_timeout_seconds,
+        )
+    except asyncssh.HostKeyNotVerifiable as exc:
+        raise UpstreamError(
+            messages.UPSTREAM_HOST_KEY_MISMATCH.code,
+            messages.UPSTREAM_HOST_KEY_MISMATCH.render(**values),
+        ) from exc
+    except asyncssh.PermissionDenied as exc:
+        raise UpstreamError(
+            messages.UPSTREAM_AUTH_FAILED.code, messages.UPSTREAM_AUTH_FAILED.render(**values)
+        ) from exc
+    except (OSError, TimeoutError, asyncssh.Error) as exc:
+        raise UpstreamError(
+            messages.UPSTREAM_UNREACHABLE.code,
+            messages.UPSTREAM_UNREACHABLE.render(seconds=config.connect_timeout_seconds, **values),
+        ) from exc

@@ -1,0 +1,51 @@
+"""Exceptions raised by keystore.
+
+KeystoreError
+ +-- Unavailable        the database cannot be reached or answered with a server error
+ +-- NotFound           the named row does not exist *in the caller's organization*
+ +-- Conflict           a uniqueness rule would be broken (e.g. a fingerprint already registered)
+ +-- InvalidInput       the caller's input is malformed; ``str(exc)`` is a message for a person
+      +-- InvalidPublicKey
+      +-- InvalidToken
+"""
+
+from __future__ import annotations
+
+
+class KeystoreError(Exception):
+    """Base of every keystore error."""
+
+    code = "keystore_error"
+
+
+class Unavailable(KeystoreError):
+    code = "database_unavailable"
+
+
+class NotFound(KeystoreError):
+    code = "not_found"
+
+
+class Conflict(KeystoreError):
+    code = "conflict"
+
+    def __init__(self, message: str, existing_id: str | None = None) -> None:
+        super().__init__(message)
+        self.existing_id = existing_id
+
+
+class InvalidInput(KeystoreError):
+    code = "invalid_input"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class InvalidPublicKey(InvalidInput):
+    code = "invalid_public_key"
+
+
+class InvalidToken(InvalidInput):
+    code = "invalid_token"

@@ -1,0 +1,79 @@
+"""Frozen rows returned by keystore queries. Nothing here holds a secret."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Org:
+    id: uuid.UUID
+    slug: str
+    name: str
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Project:
+    id: uuid.UUID
+    org_id: uuid.UUID
+    slug: str
+    name: str
+    is_default: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Sandbox:
+    id: str
+    org_id: uuid.UUID
+    org_slug: str
+    project_id: uuid.UUID
+    status: str
+    upstream_host: str
+    upstream_port: int
+    login_user: str
+    host_keys: tuple[str, ...]
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SshKey:
+    id: uuid.UUID
+    org_id: uuid.UUID
+    project_id: uuid.UUID
+    project_slug: str
+    name: str
+    algorithm: str
+    bits: int
+    fingerprint: str
+    public_key: str
+    comment: str | None
+    created_at: dt.datetime
+    last_used_at: dt.datetime | None
+    revoked_at: dt.datetime | None
+    expires_at: dt.datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class AuthorizedKey:
+    """A key that may open the sandboxes of its org right now (not revoked, not expired)."""
+
+    id: uuid.UUID
+    fingerprint: str
+    public_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxAccess:
+    """Everything the SSH gateway needs to decide a login, fetched in one query."""
+
+    sandbox: Sandbox
+    keys: tuple[AuthorizedKey, ...]
+
+    def key_for(self, fingerprint: str, public_key: str) -> AuthorizedKey | None:
+        for key in self.keys:
+            if key.fingerprint == fingerprint and key.public_key == public_key:
+                return key
+        return None
