@@ -65,3 +65,22 @@ def load_upstream_key(state_dir: str | Path) -> asyncssh.SSHKey:
 def public_line(key: asyncssh.SSHKey) -> str:
     """``TYPE BASE64 COMMENT`` as an authorized_keys line."""
     return key.export_public_key("openssh").decode().strip()
+
+
+# Host-key signature algorithms offered per key type: SHA-2 only for RSA (no ssh-rsa/SHA-1).
+_HOST_KEY_ALGS = {b"ssh-rsa": [b"rsa-sha2-512", b"rsa-sha2-256"]}
+
+
+def as_host_keypairs(keys: list[asyncssh.SSHKey]) -> list[asyncssh.SSHKeyPair]:
+    """Key pairs for ``server_host_keys`` that never sign with SHA-1.
+
+    asyncssh offers every algorithm a key supports, ``ssh-rsa`` included, whatever
+    ``signature_algs`` says; we narrow each RSA key pair's list ourselves.
+    """
+    pairs = list(asyncssh.load_keypairs(keys))
+    for pair in pairs:
+        narrowed = _HOST_KEY_ALGS.get(pair.algorithm)
+        if narrowed is not None:
+            pair.host_key_algorithms = narrowed
+            pair.sig_algorithms = narrowed
+    return pairs

@@ -42,7 +42,7 @@ async def open_database(config: Config, wait_seconds: float = 30.0) -> keystore_
 
 def listen_options(config: Config, host_keys: list[asyncssh.SSHKey]) -> dict[str, object]:
     return {
-        "server_host_keys": host_keys,
+        "server_host_keys": hostkeys.as_host_keypairs(host_keys),
         "send_server_host_keys": True,
         "login_timeout": config.ssh.login_timeout_seconds,
         "keepalive_interval": config.ssh.keepalive_interval_seconds,
