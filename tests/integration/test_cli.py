@@ -18,13 +18,20 @@ from tests.support import REPO, make_key, unique
 pytestmark = pytest.mark.integration
 
 
-def cli(database_url: str, *args: str, state_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
+def cli(
+    database_url: str, *args: str, state_dir: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, RTGW_DATABASE_URL=database_url)
     if state_dir is not None:
         env["RTGW_STATE_DIR"] = str(state_dir)
     return subprocess.run(
         [sys.executable, "-m", "gateway", *args],
-        capture_output=True, text=True, timeout=60, env=env, cwd=REPO, stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
     )
 
 
@@ -33,8 +40,22 @@ def test_operator_sets_up_an_org_a_sandbox_and_a_key(database_url: str, tmp_path
     assert cli(database_url, "org", "create", org, "--name", "Acme").returncode == 0
     host_key = make_key(tmp_path, "hostkey").public_line
     sid = unique("sandbox")
-    r = cli(database_url, "sandbox", "add", sid, "--org", org, "--host", "10.0.0.7", "--port", "22",
-            "--user", "dev", "--host-key", host_key)
+    r = cli(
+        database_url,
+        "sandbox",
+        "add",
+        sid,
+        "--org",
+        org,
+        "--host",
+        "10.0.0.7",
+        "--port",
+        "22",
+        "--user",
+        "dev",
+        "--host-key",
+        host_key,
+    )
     assert r.returncode == 0, r.stderr
     listed = cli(database_url, "sandbox", "list", "--org", org)
     assert f"{sid}\trunning\tdev@10.0.0.7:22" in listed.stdout
@@ -42,7 +63,9 @@ def test_operator_sets_up_an_org_a_sandbox_and_a_key(database_url: str, tmp_path
     user = make_key(tmp_path, "user")
     added = cli(database_url, "ssh-key", "add", "--org", org, str(user.pub), "--name", "laptop")
     assert added.returncode == 0, added.stderr
-    expected = subprocess.run(["ssh-keygen", "-lf", str(user.pub)], capture_output=True, text=True).stdout.split()[1]
+    expected = subprocess.run(
+        ["ssh-keygen", "-lf", str(user.pub)], capture_output=True, text=True
+    ).stdout.split()[1]
     assert added.stdout.strip() == expected
     keys = cli(database_url, "ssh-key", "list", "--org", org)
     assert expected in keys.stdout and "laptop" in keys.stdout and "active" in keys.stdout
@@ -72,14 +95,16 @@ def test_revoking_another_orgs_key_is_not_found(database_url: str, tmp_path: Pat
     assert "active" in cli(database_url, "ssh-key", "list", "--org", theirs).stdout
 
 
-def test_a_private_key_given_by_mistake_is_refused_without_echo(database_url: str, tmp_path: Path) -> None:
+def test_a_private_key_given_by_mistake_is_refused_without_echo(
+    database_url: str, tmp_path: Path
+) -> None:
     org = unique("org")
     cli(database_url, "org", "create", org)
     key = make_key(tmp_path, "k")
     r = cli(database_url, "ssh-key", "add", "--org", org, str(key.path))
     assert r.returncode == 1
     assert "PRIVATE key" in r.stderr or "private key" in r.stderr
-    secret_lines = [l for l in key.path.read_text().splitlines() if "-----" not in l]
+    secret_lines = [ln for ln in key.path.read_text().splitlines() if "-----" not in ln]
     assert not any(line in r.stderr + r.stdout for line in secret_lines)
     assert cli(database_url, "ssh-key", "list", "--org", org).stdout == ""
 
@@ -88,8 +113,21 @@ def test_a_private_key_given_by_mistake_is_refused_without_echo(database_url: st
     "args",
     [
         ["org", "create", "Bad Slug"],
-        ["sandbox", "add", "not-a-sandbox", "--org", "x", "--host", "h", "--port", "22", "--user", "u",
-         "--host-key", "ssh-ed25519 AAAA"],
+        [
+            "sandbox",
+            "add",
+            "not-a-sandbox",
+            "--org",
+            "x",
+            "--host",
+            "h",
+            "--port",
+            "22",
+            "--user",
+            "u",
+            "--host-key",
+            "ssh-ed25519 AAAA",
+        ],
         ["sandbox", "set-status", "sandbox-does-not-exist-here", "stopped"],
         ["ssh-key", "list", "--org", "no-such-org-anywhere"],
         ["ssh-key", "revoke", "--org", "no-such-org-anywhere", "not-a-uuid"],
@@ -112,7 +150,9 @@ def test_unreachable_database_is_a_clear_error() -> None:
     assert "Traceback" not in r.stderr
 
 
-def test_upstream_key_prints_the_line_sandboxes_must_trust(tmp_path: Path, database_url: str) -> None:
+def test_upstream_key_prints_the_line_sandboxes_must_trust(
+    tmp_path: Path, database_url: str
+) -> None:
     r = cli(database_url, "upstream-key", state_dir=tmp_path / "state")
     assert r.returncode == 0
     assert r.stdout.startswith("ssh-ed25519 ")
@@ -128,6 +168,7 @@ def test_two_migrators_at_once_apply_each_migration_once(database_url: str) -> N
         await admin.execute(f'CREATE DATABASE "{name}"')
         url = database_url.rsplit("/", 1)[0] + "/" + name
         try:
+
             async def one() -> list[str]:
                 async with keystore_db.connect(url) as conn:
                     return await migrate(conn)
@@ -137,7 +178,9 @@ def test_two_migrators_at_once_apply_each_migration_once(database_url: str) -> N
             async with keystore_db.connect(url) as conn:
                 again = await migrate(conn)
                 assert again == []
-                return [r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")]
+                return [
+                    r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")
+                ]
         finally:
             await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
             await admin.close()

@@ -64,8 +64,12 @@ def test_demo_starts_lets_the_user_in_and_stops_cleanly(tmp_path: Path) -> None:
     before = set(glob.glob(os.path.join(tempfile.gettempdir(), "rtgw-*")))
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway", "demo", "--port", str(port), "--key", str(key.pub)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-        stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=REPO,
+        stdin=subprocess.DEVNULL,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )
     try:
         output = Output(proc)
@@ -74,10 +78,22 @@ def test_demo_starts_lets_the_user_in_and_stops_cleanly(tmp_path: Path) -> None:
         cmd = shlex.split(ssh_line)
         assert cmd[0] == "ssh" and cmd[-1] == "sandbox-demo@127.0.0.1"
         # Exactly the printed line, plus our key and no prompts.
-        cmd[1:1] = ["-F", "/dev/null", "-i", str(key.path), "-o", "BatchMode=yes",
-                    "-o", "StrictHostKeyChecking=yes"]
-        r = subprocess.run([*cmd, "echo hello from $(whoami); exit 9"], capture_output=True,
-                           timeout=30, stdin=subprocess.DEVNULL)
+        cmd[1:1] = [
+            "-F",
+            "/dev/null",
+            "-i",
+            str(key.path),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+        ]
+        r = subprocess.run(
+            [*cmd, "echo hello from $(whoami); exit 9"],
+            capture_output=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+        )
         assert r.returncode == 9, r.stderr
         assert r.stdout.startswith(b"hello from ")
     finally:
@@ -92,8 +108,9 @@ def test_demo_starts_lets_the_user_in_and_stops_cleanly(tmp_path: Path) -> None:
     assert "nothing left behind" in out
     after = set(glob.glob(os.path.join(tempfile.gettempdir(), "rtgw-*")))
     assert not (after - before), after - before
-    leftovers = subprocess.run(["pgrep", "-f", f"Port {port}|demo --port {port}"],
-                               capture_output=True, text=True).stdout.split()
+    leftovers = subprocess.run(
+        ["pgrep", "-f", f"Port {port}|demo --port {port}"], capture_output=True, text=True
+    ).stdout.split()
     assert [p for p in leftovers if int(p) != os.getpid()] == []
 
 
@@ -104,8 +121,13 @@ def test_demo_on_a_busy_port_says_which_option_to_use(tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        r = subprocess.run([sys.executable, "-m", "gateway", "demo", "--port", str(port)],
-                           capture_output=True, text=True, timeout=60, cwd=REPO,
-                           stdin=subprocess.DEVNULL)
+        r = subprocess.run(
+            [sys.executable, "-m", "gateway", "demo", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=REPO,
+            stdin=subprocess.DEVNULL,
+        )
     assert r.returncode == 1
     assert f"port {port} is in use" in r.stderr and "--port" in r.stderr

@@ -16,7 +16,9 @@ def test_defaults_load_without_a_file() -> None:
 
 def test_environment_overrides_the_file(tmp_path: Path) -> None:
     f = tmp_path / "g.toml"
-    f.write_text('[ssh]\nlisten = "127.0.0.1:2200"\nmax_auth_tries = 3\n[database]\nurl = "postgresql://a/b"\n')
+    f.write_text(
+        '[ssh]\nlisten = "127.0.0.1:2200"\nmax_auth_tries = 3\n[database]\nurl = "postgresql://a/b"\n'
+    )
     config = Config.load(f, env={"RTGW_SSH_LISTEN": "[::1]:2201", "RTGW_STATE_DIR": "/srv/state"})
     assert config.ssh.listen == "[::1]:2201"
     assert config.ssh.max_auth_tries == 3
@@ -27,16 +29,20 @@ def test_environment_overrides_the_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("toml", "env", "key"),
     [
-        ("[ssh]\nlisten = \"nope\"\n", {}, "ssh.listen"),
-        ("[ssh]\nmax_auth_tries = \"6\"\n", {}, "ssh.max_auth_tries"),
+        ('[ssh]\nlisten = "nope"\n', {}, "ssh.listen"),
+        ('[ssh]\nmax_auth_tries = "6"\n', {}, "ssh.max_auth_tries"),
         ("[ssh]\nmax_auth_tries = 0\n", {}, "ssh.max_auth_tries"),
-        ("[ssh]\nlisten_typo = \"x\"\n", {}, "ssh.listen_typo"),
+        ('[ssh]\nlisten_typo = "x"\n', {}, "ssh.listen_typo"),
         ("[nonsense]\n", {}, "nonsense"),
         ("", {"RTGW_API_LISTEN": "127.0.0.1:99999"}, "api.listen"),
-        ("", {"RTGW_UPSTREAM_CONNECT_TIMEOUT_SECONDS": "soon"}, "RTGW_UPSTREAM_CONNECT_TIMEOUT_SECONDS"),
+        (
+            "",
+            {"RTGW_UPSTREAM_CONNECT_TIMEOUT_SECONDS": "soon"},
+            "RTGW_UPSTREAM_CONNECT_TIMEOUT_SECONDS",
+        ),
         ("", {"RTGW_DATABASE_URL": "mysql://x"}, "database.url"),
         ("", {"RTGW_API_ENABLED": "maybe"}, "RTGW_API_ENABLED"),
-        ("[log]\nlevel = \"loud\"\n", {}, "log.level"),
+        ('[log]\nlevel = "loud"\n', {}, "log.level"),
     ],
 )
 def test_a_bad_setting_fails_at_start_naming_the_key(
@@ -64,7 +70,11 @@ def test_the_example_config_is_valid_and_equals_the_defaults() -> None:
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [("0.0.0.0:22", ("0.0.0.0", 22)), ("[::1]:2222", ("::1", 2222)), ("localhost:0", ("localhost", 0))],
+    [
+        ("0.0.0.0:22", ("0.0.0.0", 22)),
+        ("[::1]:2222", ("::1", 2222)),
+        ("localhost:0", ("localhost", 0)),
+    ],
 )
 def test_listen_addresses_parse(value: str, expected: tuple[str, int]) -> None:
     assert parse_listen(value, "k") == expected

@@ -25,4 +25,6 @@ def test_messages_after_auth_say_what_to_do_next() -> None:
     text = messages.UPSTREAM_UNREACHABLE.render(sandbox="sandbox-x", seconds=10.0, conn_id="abc")
     assert text.startswith("runtools: sandbox-x did not answer within 10 s")
     assert "try again" in text and "abc" in text
-    assert "runtools sandbox start sandbox-x" in messages.SANDBOX_STOPPED.render(sandbox="sandbox-x")
+    assert "runtools sandbox start sandbox-x" in messages.SANDBOX_STOPPED.render(
+        sandbox="sandbox-x"
+    )
