@@ -108,9 +108,14 @@ class GatewayConnection(asyncssh.SSHServer):
     # --- authentication (RFC 4252) ---
 
     async def begin_auth(self, username: str) -> bool:
+        # Called again whenever the client switches login name mid-auth: forget everything
+        # decided for the previous name, or a key accepted for one org's sandbox could
+        # complete a login to another's.
         self._login = username
         self._access = None
         self._refusal = None
+        self._accepted = None
+        self._sandbox_id = None
         sandbox_id = sandbox_id_from_login(username)
         if sandbox_id is None:
             self._refusal = messages.INVALID_LOGIN_NAME.code
@@ -136,9 +141,9 @@ class GatewayConnection(asyncssh.SSHServer):
         return True
 
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        # Called for the unsigned query and again with the signature; both answered from the
+        # key set of the current login's sandbox, loaded once in begin_auth.
         fingerprint = key.get_fingerprint("sha256")
-        if self._accepted is not None and self._accepted.fingerprint == fingerprint:
-            return True  # second call, with the signature, for the key already accepted
         match = None
         if self._access is not None:
             match = self._access.key_for(fingerprint, canonical_line(key))
