@@ -33,12 +33,19 @@ def _print_json(value: Any) -> None:
 
 
 async def cmd_serve(args: argparse.Namespace) -> int:
-    from gateway.server import Gateway
+    from gateway.server import serve
 
     config = _config(args)
     logs.configure(config.log.level, config.log.format)
-    await Gateway(config).run()
-    return 0
+    return await serve(config, getattr(args, "config", None))
+
+
+async def cmd_audit_tail(args: argparse.Namespace) -> int:
+    from gateway.audit_tail import tail
+
+    return await tail(
+        _config(args), org_slug=args.org, follow=args.follow, lines=args.lines, as_json=args.json
+    )
 
 
 async def cmd_migrate(args: argparse.Namespace) -> int:
@@ -151,6 +158,48 @@ async def cmd_ssh_key_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_api_key_create(args: argparse.Namespace) -> int:
+    """The org's first API key: the secret alone on stdout (once), what it is on stderr."""
+    from keystore import api_keys, audit_events, tokens
+    from keystore.audit_events import AuditEvent
+
+    config = _config(args)
+    scopes = tokens.validate_scopes(args.scope)
+    expires_in = tokens.parse_duration(args.expires_in) if args.expires_in else None
+    async with keystore_db.connect(config.database.url) as conn:
+        org = await orgs.get_org(conn, args.org)
+        created = await api_keys.create_key(
+            conn,
+            org_id=org.id,
+            name=args.name,
+            scopes=scopes,
+            environment="test" if args.test else "live",
+            expires_in=expires_in,
+        )
+        await audit_events.insert_many(
+            conn,
+            [
+                AuditEvent(
+                    action="cli.api_key.create",
+                    result="ok",
+                    org_id=org.id,
+                    actor="cli",
+                    target=str(created.key.id),
+                    details={"name": created.key.name, "scopes": list(scopes)},
+                )
+            ],
+        )
+    key = created.key
+    print(created.secret)
+    expiry = key.expires_at.isoformat(timespec="seconds") if key.expires_at else "never"
+    print(
+        f"created API key {key.name!r} (id {key.id}) for {org.slug}: scopes "
+        f"{', '.join(key.scopes)}; expires {expiry}. The key above is shown only this once.",
+        file=sys.stderr,
+    )
+    return 0
+
+
 async def cmd_upstream_key(args: argparse.Namespace) -> int:
     config = _config(args)
     key = hostkeys.load_upstream_key(config.state.dir)
@@ -218,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("list", cmd_sandbox_list, "list an organization's sandboxes", sb)
     p.add_argument("--org", required=True)
 
+    from gateway.audit_tail import add_parser as add_audit_parser
+
+    add_audit_parser(sub, cmd_audit_tail)
+
     keys = sub.add_parser("ssh-key", help="SSH keys").add_subparsers(dest="sub", required=True)
     p = add("add", cmd_ssh_key_add, "register a public key for an organization", keys)
     p.add_argument("file", help="public key file (id_ed25519.pub)")
@@ -230,6 +283,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("revoke", cmd_ssh_key_revoke, "revoke a key by id or SHA256: fingerprint", keys)
     p.add_argument("key", metavar="FINGERPRINT_OR_ID")
     p.add_argument("--org", required=True)
+
+    ak = sub.add_parser("api-key", help="API keys").add_subparsers(dest="sub", required=True)
+    p = add("create", cmd_api_key_create, "create an API key; prints the secret once", ak)
+    p.add_argument("--org", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument(
+        "--scope", action="append", required=True, help="ssh-key:*, ssh-key:read, api-key:*, *"
+    )
+    p.add_argument("--test", action="store_true", help="an rt_test_ key instead of rt_live_")
+    p.add_argument("--expires-in", help="e.g. 90d, 12h, 2w (default: never)")
     return parser
 
 

@@ -40,6 +40,13 @@ class SshConfig:
     keepalive_interval_seconds: float = 30.0
     keepalive_count_max: int = 4
     register_key_hint: str = "runtools ssh-key add ~/.ssh/id_ed25519.pub"
+    # SIGTERM: sessions get this long to finish before they are closed.
+    drain_timeout_seconds: float = 30.0
+    # PROXY protocol v1/v2 from a load balancer: off | optional | required.
+    proxy_protocol: str = "off"
+    # Only these sources may send a PROXY header (a header from anywhere else is refused).
+    proxy_trusted_cidrs: tuple[str, ...] = ()
+    proxy_header_timeout_seconds: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +61,26 @@ class ApiConfig:
     listen: str = "127.0.0.1:8080"
     enabled: bool = True
     max_body_bytes: int = 65536
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    # "" serves /metrics, /healthz and /readyz on the API listener (api.enabled must be true);
+    # "host:port" serves them on a listener of their own instead.
+    listen: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessConfig:
+    # 1 (one process, the default), N worker processes, or "auto" (one per usable core).
+    workers: int | str = 1
+    # How long a worker may go without a heartbeat before the supervisor restarts it.
+    worker_watchdog_seconds: float = 30.0
+
+    def worker_count(self) -> int:
+        if self.workers == "auto":
+            return max(1, len(os.sched_getaffinity(0)))
+        return int(self.workers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +100,8 @@ class Config:
     ssh: SshConfig = field(default_factory=SshConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    process: ProcessConfig = field(default_factory=ProcessConfig)
     state: StateConfig = field(default_factory=StateConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
@@ -127,6 +156,9 @@ class Config:
             "ssh.max_unauthenticated": self.ssh.max_unauthenticated,
             "upstream.connect_timeout_seconds": self.upstream.connect_timeout_seconds,
             "api.max_body_bytes": self.api.max_body_bytes,
+            "ssh.drain_timeout_seconds": self.ssh.drain_timeout_seconds,
+            "ssh.proxy_header_timeout_seconds": self.ssh.proxy_header_timeout_seconds,
+            "process.worker_watchdog_seconds": self.process.worker_watchdog_seconds,
         }
         for key, value in positive.items():
             if value <= 0:
@@ -139,6 +171,29 @@ class Config:
             raise ConfigError("log.format", "must be json or console")
         if not self.state.dir:
             raise ConfigError("state.dir", "must not be empty")
+        if self.metrics.listen:
+            parse_listen(self.metrics.listen, "metrics.listen")
+        if self.ssh.proxy_protocol not in ("off", "optional", "required"):
+            raise ConfigError("ssh.proxy_protocol", "must be off, optional or required")
+        for cidr in self.ssh.proxy_trusted_cidrs:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as exc:
+                raise ConfigError("ssh.proxy_trusted_cidrs", f"{cidr!r} is not a CIDR") from exc
+        if self.ssh.proxy_protocol != "off" and not self.ssh.proxy_trusted_cidrs:
+            raise ConfigError(
+                "ssh.proxy_trusted_cidrs", "must list the load balancers when proxy_protocol is on"
+            )
+        workers = self.process.workers
+        if not (workers == "auto" or (isinstance(workers, int) and workers >= 1)):
+            raise ConfigError(
+                "process.workers", f'must be "auto" or an integer >= 1 (got {workers!r})'
+            )
+        if self.process.worker_count() > 1 and parse_listen(self.ssh.listen, "ssh.listen")[1] == 0:
+            raise ConfigError("ssh.listen", "needs a fixed port when process.workers is not 1")
+
+    def trusted_proxy_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(c, strict=False) for c in self.ssh.proxy_trusted_cidrs]
 
 
 def parse_listen(value: str, key: str) -> tuple[str, int]:
@@ -170,6 +225,19 @@ def _resolve(annotation: Any) -> Any:
 
 def _convert(key: str, value: Any, annotation: Any, from_env: bool) -> Any:
     kind = _resolve(annotation)
+    args = set(typing.get_args(kind))
+    if args == {int, str}:  # e.g. process.workers: 4 or "auto"
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            return int(value) if value.strip().isdigit() else value.strip()
+        raise ConfigError(key, f"expected an integer or a string (got {value!r})")
+    if typing.get_origin(kind) is tuple:  # a list of strings; comma-separated in a variable
+        if from_env and isinstance(value, str):
+            return tuple(v.strip() for v in value.split(",") if v.strip())
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ConfigError(key, f"expected a list of strings (got {value!r})")
     if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
         kind = next(a for a in typing.get_args(kind) if a is not type(None))
     try:

@@ -18,6 +18,23 @@ and never reveal whether a sandbox exists to someone who has not authenticated.
 | upstream_refused            | the sandbox refused the session or channel request      | 255  |
 | too_many_sessions           | more channels than ssh.max_sessions_per_connection      |  -   |
 | gateway_draining            | the gateway is restarting                                |  -   |
+
+Codes that only logs, audit rows and metrics carry (the user sees a closed connection or the
+key_not_registered banner):
+
+| code                        | when                                                    |
+|-----------------------------|---------------------------------------------------------|
+| unknown_sandbox             | no such sandbox (shown to the user as key_not_registered)|
+| too_many_unauthenticated    | ssh.max_unauthenticated reached; connection dropped     |
+| proxy_header_untrusted      | a PROXY header from outside ssh.proxy_trusted_cidrs     |
+| proxy_untrusted_source      | proxy_protocol=required and the source is not trusted   |
+| proxy_header_missing        | proxy_protocol=required and no header came              |
+| proxy_header_invalid        | a malformed PROXY v1/v2 header                          |
+| proxy_header_timeout        | no complete header within ssh.proxy_header_timeout_seconds |
+
+Audit actions: ssh.auth (every offered key: ok, or refused with a code), ssh.session.start,
+ssh.session.end (bytes each way, duration, exit status or signal; result error with a code
+when the gateway ended it).
 """
 
 from __future__ import annotations

@@ -1,24 +1,58 @@
-"""Lifecycle of the daemon: open the database, bind the SSH listener, serve, drain, stop."""
+"""Lifecycle of the daemon: open the database, bind the SSH listener, serve, reload, drain, stop.
+
+``serve()`` is what ``runtools-gateway serve`` runs: one ``Gateway`` in this process when
+``process.workers`` is 1, else a ``gateway.workers.Supervisor`` that starts one ``Gateway`` per
+worker process. Signals (``Gateway.run``):
+
+- SIGHUP: re-read the config file and the host keys; new connections use them, live sessions
+  are untouched. Settings that need a restart (listen addresses, database, state dir, workers,
+  log) are reported in the log and keep their old value until then.
+- SIGTERM / SIGINT: drain. Stop accepting; every live session gets one stderr line saying the
+  gateway is restarting; sessions may finish until ``ssh.drain_timeout_seconds``; then the rest
+  are closed (stderr line, exit 255), connections closed, the audit queue flushed; exit 0.
+
+systemd (gateway/systemd.py): READY=1 once the database answered and the SSH listener is bound,
+STATUS= along the way, RELOADING=1 around a reload, STOPPING=1 at drain, WATCHDOG=1 pings.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import socket
 import time
+from typing import Any
 
 import asyncssh
 import structlog
 
-from gateway import algorithms, hostkeys, messages
+from gateway import algorithms, health, hostkeys, messages, metrics, systemd
 from gateway.audit import AuditWriter
 from gateway.config import Config, parse_listen
+from gateway.errors import ConfigError
+from gateway.proxy_protocol import Listener, ProxySettings
 from gateway.runtime import Runtime
 from gateway.ssh_server import GatewayConnection
 from keystore import db as keystore_db
 from keystore.errors import Unavailable
 
 log = structlog.get_logger("gateway.server")
+
+# Set by the supervisor for its workers (gateway/workers.py).
+WORKER_INDEX_ENV = "RTGW_WORKER_INDEX"
+INHERITED_FD_ENV = "RTGW_INHERITED_SSH_FD"
+
+
+async def serve(config: Config, config_path: str | None = None) -> int:
+    """Run the daemon until it is told to stop; the exit status."""
+    if WORKER_INDEX_ENV not in os.environ and config.process.worker_count() > 1:
+        from gateway.workers import Supervisor
+
+        return await Supervisor(config, config_path).run()
+    await Gateway(config, config_path).run()
+    return 0
 
 
 async def open_database(config: Config, wait_seconds: float = 30.0) -> keystore_db.Executor:
@@ -40,7 +74,8 @@ async def open_database(config: Config, wait_seconds: float = 30.0) -> keystore_
             await asyncio.sleep(1.0)
 
 
-def listen_options(config: Config, host_keys: list[asyncssh.SSHKey]) -> dict[str, object]:
+def server_options(config: Config, host_keys: list[asyncssh.SSHKey]) -> dict[str, object]:
+    """SSHServerConnectionOptions: given to listen() and again to update() on reload."""
     return {
         "server_host_keys": hostkeys.as_host_keypairs(host_keys),
         "send_server_host_keys": True,
@@ -55,74 +90,325 @@ def listen_options(config: Config, host_keys: list[asyncssh.SSHKey]) -> dict[str
         "allow_pty": True,
         "line_editor": False,
         "encoding": None,
-        "reuse_address": True,
-        "config": None,
         **algorithms.common_options(),
     }
+
+
+def listen_options(config: Config, host_keys: list[asyncssh.SSHKey]) -> dict[str, object]:
+    return {**server_options(config, host_keys), "reuse_address": True, "config": None}
+
+
+def proxy_settings(config: Config) -> ProxySettings:
+    return ProxySettings(
+        mode=config.ssh.proxy_protocol,
+        trusted=tuple(config.trusted_proxy_networks()),
+        header_timeout_seconds=config.ssh.proxy_header_timeout_seconds,
+    )
+
+
+# Settings a SIGHUP cannot change in a running process.
+_RESTART_ONLY = (
+    ("ssh", "listen"),
+    ("database", "url"),
+    ("database", "pool_min_size"),
+    ("database", "pool_max_size"),
+    ("state", "dir"),
+    ("api", "listen"),
+    ("api", "enabled"),
+    ("metrics", "listen"),
+    ("process", "workers"),
+    ("log", "level"),
+    ("log", "format"),
+)
+
+
+def restart_only_changes(old: Config, new: Config) -> list[str]:
+    return [
+        f"{section}.{key}"
+        for section, key in _RESTART_ONLY
+        if getattr(getattr(old, section), key) != getattr(getattr(new, section), key)
+    ]
+
+
+def inherited_listen_socket() -> socket.socket | None:
+    """A listening socket from systemd (LISTEN_FDS) or from our supervisor, if any."""
+    fds = systemd.listen_fds()
+    systemd.forget_listen_env()
+    if fds:
+        if len(fds) > 1:
+            log.warning("extra_listen_fds_ignored", fds=fds[1:])
+        return systemd.socket_from_fd(fds[0])
+    fd = os.environ.pop(INHERITED_FD_ENV, None)
+    if fd is not None:
+        return systemd.socket_from_fd(int(fd))
+    return None
 
 
 class Gateway:
     """Owns the listener and the shared runtime; ``run()`` serves until SIGTERM/SIGINT."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self,
+        config: Config,
+        config_path: str | None = None,
+        *,
+        notifier: systemd.Notifier | None = None,
+    ) -> None:
         self.config = config
+        self.config_path = config_path
+        self.notifier = notifier or systemd.Notifier()
         self.runtime: Runtime | None = None
+        self.worker_index: int | None = (
+            int(os.environ[WORKER_INDEX_ENV]) if WORKER_INDEX_ENV in os.environ else None
+        )
         self._acceptor: asyncssh.SSHAcceptor | None = None
+        self._listener: Listener | None = None
+        self._listening = False
+        self._http: Any = None
+        self._api: Any = None  # keystore.api.ApiServer
+        self.api_port: int | None = None
         self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._reload_lock = asyncio.Lock()
+        self._last_status = ""
         self.ssh_port: int | None = None
+        self.http_port: int | None = None
+
+    # --- health probe (gateway.health.Probe) ---
+
+    def listeners_up(self) -> bool:
+        return self._listening
+
+    def is_draining(self) -> bool:
+        return self.runtime is None or self.runtime.draining
+
+    async def database_ok(self) -> bool:
+        if self.runtime is None:
+            return False
+        try:
+            with keystore_db.unavailable_on_failure("readiness check"):
+                return bool(await self.runtime.db.fetchval("SELECT 1") == 1)
+        except Unavailable:
+            return False
+
+    # --- start ---
 
     async def start(self) -> None:
         config = self.config
+        self.notifier.status("loading host keys")
         host_keys = hostkeys.load_host_keys(config.state.dir)
         upstream_key = hostkeys.load_upstream_key(config.state.dir)
+        self.notifier.status("waiting for the database")
         pool = await open_database(config)
+        with keystore_db.unavailable_on_failure("first query"):
+            await pool.fetchval("SELECT 1")
         audit = AuditWriter(pool)
         audit.start()
         self.runtime = Runtime(config=config, db=pool, upstream_key=upstream_key, audit=audit)
-        host, port = parse_listen(config.ssh.listen, "ssh.listen")
         rt = self.runtime
+
+        sock = inherited_listen_socket()
+        host, port = parse_listen(config.ssh.listen, "ssh.listen")
+        self._listener = Listener(
+            proxy_settings(config),
+            sock=sock,
+            reuse_port=self.worker_index is not None,
+            on_outcome=lambda outcome: metrics.PROXY_HEADERS.labels(outcome).inc(),
+        )
         self._acceptor = await asyncssh.listen(
             host,
             port,
+            tunnel=self._listener,
             server_factory=lambda: GatewayConnection(rt),
             **listen_options(config, host_keys),  # type: ignore[arg-type]
         )
+        self._listening = True
         self.ssh_port = self._acceptor.get_port()
+        if self.worker_index in (None, 0):
+            await self._start_http()
+        self._tasks.append(asyncio.get_running_loop().create_task(self._housekeeping()))
         log.info(
             "listening",
             ssh=f"{host}:{self.ssh_port}",
+            socket_activated=sock is not None,
+            worker=self.worker_index,
+            pid=os.getpid(),
+            proxy_protocol=config.ssh.proxy_protocol,
+            http=self.http_port,
             host_keys=[k.get_fingerprint("sha256") for k in host_keys],
         )
+        self.notifier.ready(self._status_text())
+
+    async def _start_http(self) -> None:
+        """/healthz, /readyz, /metrics: on their own listener, or on the key API's."""
+        config = self.config
+        rt = self.runtime
+        assert rt is not None
+        routes = health.routes(self)
+        if config.metrics.listen:
+            host, port = parse_listen(config.metrics.listen, "metrics.listen")
+            self._http = await health.HealthServer.start(self, host, port)
+            self.http_port = self._http.port
+            routes = []  # the key API (below) is still served, without them
+        if not config.api.enabled:
+            if routes:
+                log.warning("metrics_not_served", hint="set metrics.listen or enable the API")
+            return
+        from keystore.api import serve_api
+
+        host, port = parse_listen(config.api.listen, "api.listen")
+        self._api = await serve_api(
+            rt.db,
+            host=host,
+            port=port,
+            max_body_bytes=config.api.max_body_bytes,
+            record_audit=rt.audit.record,
+            extra_routes=routes,
+        )
+        self.api_port = self._api.port
+        if routes:
+            self.http_port = self.api_port
+
+    async def _housekeeping(self) -> None:
+        """Watchdog pings, pool metrics and a STATUS= line that says what is going on."""
+        interval = self.notifier.watchdog_interval()
+        period = min(interval, 5.0) if interval else 5.0
+        while True:
+            if interval:
+                self.notifier.watchdog()
+            rt = self.runtime
+            if rt is not None:
+                metrics.update_pool(rt.db)
+                metrics.AUDIT_QUEUED.set(len(getattr(rt.audit, "_queue", ())))
+                status = self._status_text()
+                if status != self._last_status and not rt.draining:
+                    self._last_status = status
+                    self.notifier.status(status)
+            await asyncio.sleep(period)
+
+    def _status_text(self) -> str:
+        rt = self.runtime
+        conns = len(rt.connections) if rt else 0
+        sessions = sum(c.session_count for c in rt.connections) if rt else 0
+        return f"serving SSH on port {self.ssh_port}: {conns} connections, {sessions} sessions"
+
+    # --- run, reload, stop ---
 
     def request_stop(self) -> None:
         self._stop.set()
 
     async def run(self) -> None:
-        await self.start()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        await self._stop.wait()
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload()))
+        start = loop.create_task(self.start())
+        stop = loop.create_task(self._stop.wait())
+        await asyncio.wait({start, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if not start.done():  # stopped while still starting (e.g. waiting for the database)
+            start.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await start
+        else:
+            start.result()  # a failed start raises here
+            await stop
+        stop.cancel()
         await self.shutdown()
 
-    async def shutdown(self, drain_seconds: float = 10.0) -> None:
+    async def reload(self) -> bool:
+        """SIGHUP: new config and host keys for new connections; live sessions untouched."""
+        async with self._reload_lock:
+            self.notifier.reloading()
+            log.info("reloading", config=self.config_path)
+            try:
+                new = Config.load(self.config_path)
+                host_keys = hostkeys.load_host_keys(new.state.dir)
+            except (ConfigError, OSError, asyncssh.KeyImportError, ValueError) as exc:
+                metrics.RELOADS.labels("failed").inc()
+                log.error("reload_failed", error=str(exc))
+                self.notifier.ready(f"reload failed, still serving the old config: {exc}")
+                return False
+            ignored = restart_only_changes(self.config, new)
+            if ignored:
+                log.warning("reload_needs_restart", settings=ignored)
+            self.config = new
+            if self.runtime is not None:
+                self.runtime.config = new
+            if self._acceptor is not None:
+                self._acceptor.update(**server_options(new, host_keys))
+            if self._listener is not None:
+                self._listener.settings = proxy_settings(new)
+            metrics.RELOADS.labels("ok").inc()
+            log.info(
+                "reloaded",
+                host_keys=[k.get_fingerprint("sha256") for k in host_keys],
+                proxy_protocol=new.ssh.proxy_protocol,
+                restart_needed_for=ignored or None,
+            )
+            self.notifier.ready(self._status_text())
+            return True
+
+    async def shutdown(self, drain_seconds: float | None = None) -> None:
         """Stop accepting, tell users, let sessions finish until the deadline, then close."""
         rt = self.runtime
+        drain = self.config.ssh.drain_timeout_seconds if drain_seconds is None else drain_seconds
+        self.notifier.stopping(f"draining for at most {drain:g} s")
+        self._listening = False
         if self._acceptor is not None:
             self._acceptor.close()
-            with contextlib.suppress(Exception):
-                await self._acceptor.wait_closed()
         if rt is None:
+            await self._close_http()
             return
         rt.draining = True
-        log.info("draining", connections=len(rt.connections), deadline_seconds=drain_seconds)
-        deadline = time.monotonic() + drain_seconds
+        metrics.DRAINING.set(1)
+        text = messages.GATEWAY_DRAINING.render(seconds=drain)
+        idle = 0
+        for conn in list(rt.connections):
+            if conn.session_count:
+                conn.notify_sessions(text)
+            else:
+                idle += 1
+                conn.close()  # unauthenticated or no session: nothing to wait for
+        sessions = sum(c.session_count for c in rt.connections)
+        log.info(
+            "draining",
+            connections=len(rt.connections),
+            sessions=sessions,
+            idle_closed=idle,
+            deadline_seconds=drain,
+        )
+        deadline = time.monotonic() + drain
         while rt.connections and time.monotonic() < deadline:  # noqa: ASYNC110 - polling a set
             await asyncio.sleep(0.1)
-        text = messages.GATEWAY_DRAINING.render(seconds=0)
-        for conn in list(rt.connections):
-            conn.close_sessions(text, messages.GATEWAY_DRAINING.code)
-        await asyncio.sleep(0.1)
+        if rt.connections:
+            left = len(rt.connections)
+            final = messages.GATEWAY_DRAINING.render(seconds=0)
+            for conn in list(rt.connections):
+                conn.close_sessions(final, messages.GATEWAY_DRAINING.code)
+            await asyncio.sleep(0.2)  # let the stderr line and exit status go out
+            for conn in list(rt.connections):
+                conn.close()
+            log.warning("drain_deadline_reached", closed_connections=left)
+        settle = time.monotonic() + 3.0
+        while rt.connections and time.monotonic() < settle:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        for task in self._tasks:
+            task.cancel()
+        await self._close_http()
+        if self._acceptor is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._acceptor.wait_closed(), 2.0)
         await rt.audit.close()
         await rt.db.close()
-        log.info("stopped")
+        log.info("stopped", audit_written=rt.audit.written, audit_dropped=rt.audit.dropped)
+        self.notifier.close()
+
+    async def _close_http(self) -> None:
+        if self._api is not None:
+            with contextlib.suppress(Exception):
+                await self._api.close()
+            self._api = None
+        if self._http is not None:
+            with contextlib.suppress(Exception):
+                await self._http.close()
+            self._http = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 import time
 from typing import Any
@@ -18,7 +19,7 @@ import asyncssh
 import structlog
 from structlog.typing import FilteringBoundLogger
 
-from gateway import asyncssh_patches, messages, upstream
+from gateway import asyncssh_patches, messages, metrics, upstream
 from gateway.errors import UpstreamError
 from gateway.login import sandbox_id_from_login
 from gateway.relay import ClientSide, SessionSummary
@@ -31,6 +32,7 @@ from keystore.models import AuthorizedKey, SandboxAccess
 asyncssh_patches.apply()
 
 _log = structlog.get_logger("gateway.ssh")
+_PID = os.getpid()  # workers are separate processes started by exec, never forked copies
 
 
 def new_conn_id() -> str:
@@ -47,7 +49,9 @@ class GatewayConnection(asyncssh.SSHServer):
     def __init__(self, runtime: Runtime) -> None:
         self._rt = runtime
         self.conn_id = new_conn_id()
-        self.log: FilteringBoundLogger = _log.bind(conn_id=self.conn_id)
+        self.log: FilteringBoundLogger = _log.bind(conn_id=self.conn_id, pid=_PID)
+        self._peer_port: int | None = None
+        self._session_seq = 0
         self._conn: asyncssh.SSHServerConnection | None = None
         self._peer: str | None = None
         self._authenticated = False
@@ -67,26 +71,31 @@ class GatewayConnection(asyncssh.SSHServer):
 
     def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
         self._conn = conn
+        # With the PROXY protocol on, peername is the client the load balancer named.
         peer = conn.get_extra_info("peername")
         self._peer = str(peer[0]) if peer else None
+        self._peer_port = int(peer[1]) if peer else None
         self.log = self.log.bind(peer=self._peer)
         rt = self._rt
         if rt.draining or rt.unauthenticated >= rt.config.ssh.max_unauthenticated:
             # Too early for a DISCONNECT message (no version exchange yet): just drop it.
-            self.log.warning(
-                "connection_dropped",
-                reason="gateway_draining" if rt.draining else "too_many_unauthenticated",
-            )
+            reason = "gateway_draining" if rt.draining else "too_many_unauthenticated"
+            self.log.warning("connection_dropped", reason=reason)
+            metrics.CONNECTIONS.labels(reason).inc()
             conn.abort()
             return
+        metrics.CONNECTIONS.labels("accepted").inc()
+        metrics.CONNECTIONS_OPEN.labels("unauthenticated").inc()
         rt.unauthenticated += 1
         self._counted_unauth = True
         rt.connections.add(self)
-        self.log.info("connection_open")
+        self.log.info("connection_open", peer_port=self._peer_port)
 
     def connection_lost(self, exc: Exception | None) -> None:
         rt = self._rt
         self._uncount_unauth()
+        if self._authenticated and self in rt.connections:
+            metrics.CONNECTIONS_OPEN.labels("authenticated").dec()
         rt.connections.discard(self)
         if self._upstream is not None:
             self._upstream.cancel()
@@ -104,6 +113,7 @@ class GatewayConnection(asyncssh.SSHServer):
         if self._counted_unauth:
             self._counted_unauth = False
             self._rt.unauthenticated -= 1
+            metrics.CONNECTIONS_OPEN.labels("unauthenticated").dec()
 
     # --- authentication (RFC 4252) ---
 
@@ -132,7 +142,9 @@ class GatewayConnection(asyncssh.SSHServer):
             self._banner(messages.KEYSTORE_UNAVAILABLE.render())
             return True
         finally:
-            self.log.debug("auth_lookup", seconds=round(time.perf_counter() - t0, 6))
+            elapsed = time.perf_counter() - t0
+            metrics.AUTH_DECISION.observe(elapsed)
+            self.log.debug("auth_lookup", seconds=round(elapsed, 6))
         if self._access is None:
             self._refusal = "unknown_sandbox"  # logged as such, shown as key_not_registered
         return True
@@ -173,6 +185,7 @@ class GatewayConnection(asyncssh.SSHServer):
         assert self._access is not None and self._accepted is not None
         self._authenticated = True
         self._uncount_unauth()
+        metrics.CONNECTIONS_OPEN.labels("authenticated").inc()
         sandbox = self._access.sandbox
         self.log = self.log.bind(org=sandbox.org_slug, key=self._accepted.fingerprint)
         self._audit_auth("ok", None, self._accepted.fingerprint)
@@ -215,8 +228,11 @@ class GatewayConnection(asyncssh.SSHServer):
                 upstream=f"{sandbox.upstream_host}:{sandbox.upstream_port}",
                 error=str(exc.__cause__) if exc.__cause__ else None,
             )
+            metrics.UPSTREAM_CONNECT.labels(exc.reason_code).observe(time.perf_counter() - t0)
             raise
-        self.log.info("upstream_connected", seconds=round(time.perf_counter() - t0, 4))
+        elapsed = time.perf_counter() - t0
+        metrics.UPSTREAM_CONNECT.labels("ok").observe(elapsed)
+        self.log.info("upstream_connected", seconds=round(elapsed, 4))
         return conn
 
     async def upstream_connection(self) -> asyncssh.SSHClientConnection:
@@ -237,7 +253,11 @@ class GatewayConnection(asyncssh.SSHServer):
             self.log.warning("session_refused", reason=messages.TOO_MANY_SESSIONS.code)
             return False
         assert self._access is not None
-        session = ClientSide(
+        self._session_seq += 1
+        session_id = f"{self.conn_id}-{self._session_seq}"
+        session: AuditedSession = AuditedSession(
+            owner=self,
+            session_id=session_id,
             upstream=self.upstream_connection,
             sandbox_id=self._access.sandbox.id,
             conn_id=self.conn_id,
@@ -245,14 +265,44 @@ class GatewayConnection(asyncssh.SSHServer):
             on_end=lambda summary: self._session_ended(session, summary),
         )
         self._sessions.add(session)
-        self.log.info("session_open")
+        metrics.CHANNELS_ACTIVE.labels("session").inc()
+        self.log.info("session_open", session_id=session_id)
         return session
 
+    def _session_started(self, session: AuditedSession) -> None:
+        assert self._access is not None and self._accepted is not None
+        self._rt.audit.record(
+            AuditEvent(
+                action="ssh.session.start",
+                result="ok",
+                org_id=self._access.sandbox.org_id,
+                actor=self._accepted.fingerprint,
+                target=self._access.sandbox.id,
+                source_ip=self._peer,
+                details={
+                    "conn_id": self.conn_id,
+                    "session_id": session.session_id,
+                    "kind": session.summary.kind,
+                    "source_port": self._peer_port,
+                    "org": self._access.sandbox.org_slug,
+                    "pty": session.has_pty,
+                },
+            )
+        )
+
     def _session_ended(self, session: ClientSide, summary: SessionSummary) -> None:
+        if session not in self._sessions:
+            return
         self._sessions.discard(session)
+        metrics.CHANNELS_ACTIVE.labels("session").dec()
+        result = "error" if summary.reason else "ok"
+        metrics.session_ended(summary.kind, result, summary.bytes_up, summary.bytes_down)
         assert self._access is not None and self._accepted is not None
         details = {
             "conn_id": self.conn_id,
+            "session_id": getattr(session, "session_id", None),
+            "org": self._access.sandbox.org_slug,
+            "source_port": self._peer_port,
             "kind": summary.kind,
             "bytes_up": summary.bytes_up,
             "bytes_down": summary.bytes_down,
@@ -262,8 +312,8 @@ class GatewayConnection(asyncssh.SSHServer):
         }
         self._rt.audit.record(
             AuditEvent(
-                action="ssh.session",
-                result="error" if summary.reason else "ok",
+                action="ssh.session.end",
+                result=result,
                 reason=summary.reason,
                 org_id=self._access.sandbox.org_id,
                 actor=self._accepted.fingerprint,
@@ -272,6 +322,8 @@ class GatewayConnection(asyncssh.SSHServer):
                 details=details,
             )
         )
+        if self._rt.draining and not self._sessions:
+            self.close()  # draining: nothing left on this connection to wait for
 
     def connection_requested(
         self, dest_host: str, dest_port: int, orig_host: str, orig_port: int
@@ -284,15 +336,36 @@ class GatewayConnection(asyncssh.SSHServer):
 
         async def open_through_sandbox() -> Any:
             up = await self.upstream_connection()
-            return await conn.forward_tunneled_connection(up, dest_host, dest_port)
+            forwarder = await conn.forward_tunneled_connection(up, dest_host, dest_port)
+            _count_channel(forwarder, "direct-tcpip")
+            return forwarder
 
         return open_through_sandbox()
 
     # --- helpers ---
 
+    @property
+    def authenticated(self) -> bool:
+        return self._authenticated
+
+    @property
+    def session_count(self) -> int:
+        return len(self._sessions)
+
+    def notify_sessions(self, text: str) -> None:
+        """One stderr line on every live session, which goes on (drain has begun)."""
+        for session in list(self._sessions):
+            if isinstance(session, AuditedSession):
+                session.notice(text)
+
     def close_sessions(self, text: str, reason: str) -> None:
         for session in list(self._sessions):
             session.close(text, reason)
+
+    def close(self) -> None:
+        """Close the SSH connection (after its sessions were told and closed)."""
+        if self._conn is not None:
+            self._conn.close()
 
     def _banner(self, text: str) -> None:
         if self._banner_sent or self._conn is None:
@@ -303,6 +376,7 @@ class GatewayConnection(asyncssh.SSHServer):
     def _audit_auth(self, result: str, reason: str | None, fingerprint: str) -> None:
         sandbox = self._access.sandbox if self._access else None
         self.log.info("auth", result=result, reason=reason, fingerprint=fingerprint)
+        metrics.AUTH.labels(result, reason or "ok").inc()
         self._rt.audit.record(
             AuditEvent(
                 action="ssh.auth",
@@ -312,9 +386,67 @@ class GatewayConnection(asyncssh.SSHServer):
                 actor=fingerprint,
                 target=self._sandbox_id or _printable(self._login or ""),
                 source_ip=self._peer,
-                details={"conn_id": self.conn_id},
+                details={
+                    "conn_id": self.conn_id,
+                    "source_port": self._peer_port,
+                    "org": sandbox.org_slug if sandbox else None,
+                    "login": _printable(self._login or ""),
+                },
             )
         )
+
+
+class AuditedSession(ClientSide):
+    """ClientSide plus what the daemon needs: a start event and a drain notice."""
+
+    def __init__(self, *, owner: GatewayConnection, session_id: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._owner = owner
+        self.session_id = session_id
+        self.has_pty = False
+        self._user_chan: asyncssh.SSHServerChannel[bytes] | None = None
+        self._noticed = False
+
+    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:  # type: ignore[override]
+        self._user_chan = chan
+        super().connection_made(chan)
+
+    def pty_requested(
+        self, term_type: str, term_size: tuple[int, int, int, int], term_modes: Any
+    ) -> bool:
+        self.has_pty = True
+        return super().pty_requested(term_type, term_size, term_modes)
+
+    def session_started(self) -> None:
+        super().session_started()
+        self._owner._session_started(self)
+
+    def notice(self, text: str) -> None:
+        chan = self._user_chan
+        if chan is None or self._noticed or chan.is_closing():
+            return
+        self._noticed = True
+        end = b"\r\n" if self.has_pty else b"\n"
+        with contextlib.suppress(OSError, asyncssh.Error):
+            chan.write_stderr(text.encode() + end)
+
+
+def _count_channel(session: Any, kind: str) -> None:
+    """Count an open forwarding channel until its session reports connection_lost."""
+    gauge = metrics.CHANNELS_ACTIVE.labels(kind)
+    original = getattr(session, "connection_lost", None)
+    if original is None:
+        return
+    gauge.inc()
+
+    def lost(exc: Exception | None) -> None:
+        gauge.dec()
+        original(exc)
+
+    try:
+        session.connection_lost = lost
+    except AttributeError:
+        gauge.dec()
 
 
 def _printable(text: str) -> str:

@@ -1,0 +1,216 @@
+"""Bring up everything the benchmark compares, on this machine, and take it down again.
+
+* a throwaway PostgreSQL (``keystore.throwaway.ThrowawayCluster``) with one org, one sandbox and
+  the benchmark user's key registered;
+* one OpenSSH ``sshd`` (``gateway.sandbox_sshd.SandboxSshd``) that plays the sandbox, trusting
+  both the gateway's upstream key and the benchmark user's key, logged into as its dedicated
+  non-root ``/bin/sh`` user (so bash start-up is not measured). The same sshd is the jump host
+  of the bastion path (``ssh -J``);
+* the gateway as a real subprocess (``python -m gateway serve``, like the integration tests).
+
+Every ``ssh`` reads one generated ``ssh_config`` (``-F``), which pins cipher and key exchange for
+every hop, the ``-J`` jump included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from gateway import hostkeys  # noqa: E402
+from gateway.sandbox_sshd import SandboxSshd  # noqa: E402
+from keystore import db as keystore_db  # noqa: E402
+from keystore import keys as keyparse  # noqa: E402
+from keystore import orgs, sandboxes, ssh_keys  # noqa: E402
+from keystore.migrate import migrate  # noqa: E402
+from keystore.throwaway import ThrowawayCluster  # noqa: E402
+from tests.support import GatewayProcess  # noqa: E402
+
+CIPHER = "aes128-gcm@openssh.com"
+KEX = "curve25519-sha256"
+SANDBOX = "sandbox-bench"
+
+
+def raise_nofile() -> int:
+    """Raise this process's RLIMIT_NOFILE soft limit to the hard limit (children inherit it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+@dataclass
+class Lab:
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="rtgw-bench-")))
+    cluster: ThrowawayCluster | None = None
+    sshd: SandboxSshd | None = None
+    gateway: GatewayProcess | None = None
+    key_path: Path | None = None
+    ssh_config: Path | None = None
+
+    # --- bring-up ---
+
+    def start(self, *, log_level: str = "debug") -> Lab:
+        os.chmod(self.workdir, 0o755)  # noqa: S103 - the sandbox user reads its keys here
+        raise_nofile()
+        state = self.workdir / "state"
+        upstream_line = hostkeys.public_line(hostkeys.load_upstream_key(state))
+        self.key_path = self.workdir / "id_bench"
+        subprocess.run(
+            [
+                "ssh-keygen",
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                "bench",
+                "-f",
+                str(self.key_path),
+            ],
+            check=True,
+        )
+        user_line = self.key_path.with_suffix(".pub").read_text().strip()
+        self.cluster = ThrowawayCluster()
+        self.cluster.start()
+        self.sshd = SandboxSshd(
+            authorized_keys=[upstream_line, user_line],
+            max_sessions=64,
+            extra_config=["MaxStartups 1000:30:2000"],
+        )
+        self.sshd.start()
+        asyncio.run(self._seed(self.cluster.dsn, user_line))
+        self.gateway = GatewayProcess(
+            database_url=self.cluster.dsn,
+            state_dir=state,
+            env_extra={
+                "RTGW_LOG_LEVEL": log_level,
+                "RTGW_SSH_MAX_UNAUTHENTICATED": "1000",
+                "RTGW_DATABASE_POOL_MAX_SIZE": "10",
+            },
+        ).start()
+        self._write_ssh_config()
+        return self
+
+    async def _seed(self, dsn: str, user_line: str) -> None:
+        assert self.sshd is not None
+        parsed = keyparse.parse_public_key(user_line)
+        async with keystore_db.connect(dsn) as conn:
+            await migrate(conn)
+            org = await orgs.create_org(conn, "bench", "Benchmark org")
+            project = await orgs.get_project(conn, org.id, None)
+            await sandboxes.add_sandbox(
+                conn,
+                sandbox_id=SANDBOX,
+                org_id=org.id,
+                project_id=project.id,
+                upstream_host=self.sshd.host,
+                upstream_port=self.sshd.port,
+                login_user=self.sshd.login_user,
+                host_keys=[self.sshd.host_key_line],
+            )
+            await ssh_keys.add_key(
+                conn, org_id=org.id, project_id=project.id, key=parsed, name="bench"
+            )
+
+    def _write_ssh_config(self) -> None:
+        assert self.sshd is not None and self.gateway is not None and self.key_path
+        known = self.workdir / "known_hosts"
+        jump_line = f"[localhost]:{self.sshd.port} {self.sshd.host_key_line}"
+        known.write_text(
+            f"{self.sshd.known_hosts_line}\n{jump_line}\n{self.gateway.known_hosts_line()}"
+        )
+        self.ssh_config = self.workdir / "ssh_config"
+        self.ssh_config.write_text(
+            "\n".join(
+                [
+                    "Host *",
+                    f"  Ciphers {CIPHER}",
+                    f"  KexAlgorithms {KEX}",
+                    "  HostKeyAlgorithms ssh-ed25519",
+                    f"  UserKnownHostsFile {known}",
+                    "  StrictHostKeyChecking yes",
+                    f"  IdentityFile {self.key_path}",
+                    "  IdentitiesOnly yes",
+                    "  IdentityAgent none",
+                    "  BatchMode yes",
+                    "  Compression no",
+                    "  ControlMaster no",
+                    "  ControlPath none",
+                    "  ServerAliveInterval 0",
+                    "  ConnectTimeout 20",
+                    "  LogLevel ERROR",
+                    "",
+                ]
+            )
+        )
+
+    # --- the three paths ---
+
+    def ssh_cmd(self, path: str, *remote: str) -> list[str]:
+        """``ssh`` argv for ``direct`` | ``bastion`` | ``gateway``, running ``remote``."""
+        assert self.sshd is not None and self.gateway is not None
+        base = ["ssh", "-F", str(self.ssh_config)]
+        user, port = self.sshd.login_user, self.sshd.port
+        if path == "direct":
+            return [*base, "-p", str(port), f"{user}@127.0.0.1", *remote]
+        if path == "bastion":
+            jump = f"{user}@localhost:{port}"  # another name, or ssh sees a jump loop
+            return [*base, "-J", jump, "-p", str(port), f"{user}@127.0.0.1", *remote]
+        if path == "gateway":
+            return [*base, "-p", str(self.gateway.ssh_port), f"{SANDBOX}@127.0.0.1", *remote]
+        raise ValueError(path)
+
+    @property
+    def gateway_pid(self) -> int:
+        assert self.gateway is not None and self.gateway.proc is not None
+        return self.gateway.proc.pid
+
+    def gateway_client_options(self) -> dict[str, Any]:
+        """asyncssh client options for connecting to the gateway as the benchmark user."""
+        assert self.gateway is not None and self.key_path is not None
+        return {
+            "host": "127.0.0.1",
+            "port": self.gateway.ssh_port,
+            "username": SANDBOX,
+            "client_keys": [str(self.key_path)],
+            "known_hosts": str(self.workdir / "known_hosts"),
+            "agent_path": None,
+            "encryption_algs": [CIPHER],
+            "kex_algs": [KEX],
+            "config": None,
+        }
+
+    # --- tear-down ---
+
+    def stop(self) -> None:
+        if self.gateway is not None:
+            with contextlib.suppress(Exception):
+                self.gateway.stop()
+        if self.sshd is not None:
+            with contextlib.suppress(Exception):
+                self.sshd.stop()
+        if self.cluster is not None:
+            with contextlib.suppress(Exception):
+                self.cluster.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Lab:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

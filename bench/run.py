@@ -1,0 +1,540 @@
+"""runtools-gateway vs plain OpenSSH, side by side, on this machine.
+
+    python bench/run.py            # full: 1 GiB transfers, 30 connects, 20 s of logins, 1,000 idle
+    python bench/run.py --quick    # 256 MiB transfers, fewer runs: a few minutes
+    python bench/run.py --smoke    # tiny sizes, a handful of iterations: < 60 s (CI smoke test)
+
+Brings up a throwaway PostgreSQL, a sandbox sshd and the gateway (see ``bench/lab.py``), then
+measures three paths with the same client, cipher and key exchange:
+
+* ``direct``: ``ssh`` straight to the sandbox's sshd;
+* ``bastion``: ``ssh -J`` through an OpenSSH jump host (the same sshd) to the sandbox;
+* ``gateway``: ``ssh sandbox-…@gateway``.
+
+Prints one table (absolute figures, ratio gateway ÷ direct and gateway ÷ bastion, the issue's
+target) and writes the same numbers to ``bench/results/<timestamp>.json``. Nothing here is a
+pass/fail test: targets are printed for the reader, never enforced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import asyncssh
+
+from bench.lab import CIPHER, KEX, Lab
+from gateway import algorithms
+
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+WINDOW = 2 * MIB  # asyncssh's and OpenSSH's default session channel window
+TABLE_MARK = "== runtools-gateway bench =="
+# A reader that takes 64 KiB every 50 ms (~1.3 MB/s): the "slow reader" of the memory test.
+SLOW_READER = (
+    "import sys,time;r=sys.stdin.buffer.raw;"
+    "[time.sleep(0.05) for _ in iter(lambda: r.read(65536), b'')]"
+)
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    connect_runs: int
+    transfer_bytes: int
+    transfer_runs: int
+    login_clients: int
+    login_seconds: float
+    idle_connections: int
+    slow_clients: int
+    slow_bytes: int
+    slow_seconds: float
+
+
+PROFILES = {
+    "full": Profile("full", 30, GIB, 3, 32, 20.0, 1000, 20, GIB, 15.0),
+    "quick": Profile("quick", 30, 256 * MIB, 3, 32, 10.0, 1000, 20, 256 * MIB, 8.0),
+    "smoke": Profile("smoke", 3, 4 * MIB, 1, 4, 1.5, 10, 2, 8 * MIB, 1.5),
+}
+
+
+@dataclass
+class Row:
+    metric: str
+    unit: str
+    direct: float | None = None
+    bastion: float | None = None
+    gateway: float | None = None
+    target: str = ""
+    met: bool | None = None
+    notes: str = ""
+
+    def ratio(self, other: float | None) -> float | None:
+        if other is None or self.gateway is None or other == 0:
+            return None
+        return self.gateway / other
+
+
+@dataclass
+class Results:
+    profile: str
+    started: str
+    machine: dict[str, Any]
+    algorithms: dict[str, Any]
+    rows: list[Row] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+# --- /proc helpers ---
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
+
+
+def machine_info() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    ssh_version = subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip()
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "asyncssh": asyncssh.__version__,
+        "openssh": ssh_version,
+    }
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# --- measurements ---
+
+
+def run_ok(cmd: list[str], **kwargs: Any) -> None:
+    result = subprocess.run(cmd, capture_output=True, timeout=600, **kwargs)
+    if result.returncode != 0:
+        raise RuntimeError(f"{shlex.join(cmd)} exited {result.returncode}: {result.stderr!r}")
+
+
+def connect_latency(lab: Lab, path: str, runs: int) -> list[float]:
+    cmd = lab.ssh_cmd(path, "true")
+    for _ in range(2):  # warm-up: page cache, sshd's first fork
+        run_ok(cmd, stdin=subprocess.DEVNULL)
+    samples = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        run_ok(cmd, stdin=subprocess.DEVNULL)
+        samples.append(time.perf_counter() - t0)
+    return samples
+
+
+def transfer(lab: Lab, path: str, direction: str, size: int) -> tuple[float, float]:
+    """Seconds for one transfer of ``size`` bytes, and the gateway's CPU-seconds meanwhile."""
+    if direction == "up":
+        cmd = lab.ssh_cmd(path, "cat > /dev/null")
+        src: Any = subprocess.Popen(["head", "-c", str(size), "/dev/zero"], stdout=subprocess.PIPE)
+        stdin, stdout = src.stdout, subprocess.DEVNULL
+    else:
+        cmd = lab.ssh_cmd(path, f"head -c {size} /dev/zero | cat")
+        src, stdin, stdout = None, subprocess.DEVNULL, subprocess.PIPE
+    cpu0 = cpu_seconds(lab.gateway_pid)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE)
+    received = 0
+    if direction == "down":
+        assert proc.stdout is not None
+        while chunk := proc.stdout.read(1 << 20):
+            received += len(chunk)
+    _, err = proc.communicate(timeout=1200)
+    elapsed = time.perf_counter() - t0
+    cpu = cpu_seconds(lab.gateway_pid) - cpu0
+    if src is not None:
+        src.wait()
+    if proc.returncode != 0 or (direction == "down" and received != size):
+        raise RuntimeError(f"{path} {direction}: exit {proc.returncode}, {received} B, {err!r}")
+    return elapsed, cpu
+
+
+def logins_per_second(lab: Lab, path: str, clients: int, seconds: float) -> tuple[float, int]:
+    """Completed ``ssh … true`` per second with ``clients`` concurrent loops; and failures."""
+    cmd = lab.ssh_cmd(path, "true")
+    deadline = time.monotonic() + seconds
+    done = [0] * clients
+    failed = [0] * clients
+
+    def worker(i: int) -> None:
+        while time.monotonic() < deadline:
+            result = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL, timeout=60)
+            if result.returncode == 0:
+                done[i] += 1
+            else:
+                failed[i] += 1
+
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(done) / (time.monotonic() - t0), sum(failed)
+
+
+async def _idle_connections(lab: Lab, count: int) -> tuple[int, int, int]:
+    """Open ``count`` authenticated idle connections; RSS before and with them, and errors."""
+    pid = lab.gateway_pid
+    options = lab.gateway_client_options()
+    await asyncio.sleep(0.5)
+    before = rss_bytes(pid)
+    sem = asyncio.Semaphore(32)
+    conns: list[asyncssh.SSHClientConnection] = []
+    errors = 0
+
+    async def one() -> None:
+        nonlocal errors
+        async with sem:
+            try:
+                conns.append(await asyncssh.connect(**options))
+            except (OSError, asyncssh.Error):
+                errors += 1
+
+    await asyncio.gather(*(one() for _ in range(count)))
+    await asyncio.sleep(3.0)  # let the gateway finish its upstream logins
+    with_conns = rss_bytes(pid)
+    for conn in conns:
+        conn.close()
+    await asyncio.gather(*(conn.wait_closed() for conn in conns), return_exceptions=True)
+    return before, with_conns, errors
+
+
+def idle_rss(lab: Lab, count: int) -> tuple[int, int, int]:
+    return asyncio.run(_idle_connections(lab, count))
+
+
+def slow_reader_rss(
+    lab: Lab, direction: str, clients: int, size: int, seconds: float
+) -> dict[str, Any]:
+    """Peak gateway RSS while ``clients`` transfers of ``size`` bytes feed slow readers."""
+    pid = lab.gateway_pid
+    slow_cmd = [sys.executable, "-c", SLOW_READER]
+    remote_slow = "python3 -c " + shlex.quote(SLOW_READER)
+    time.sleep(0.5)
+    baseline = rss_bytes(pid)
+    procs: list[subprocess.Popen[bytes]] = []
+    for _ in range(clients):
+        if direction == "up":
+            src = subprocess.Popen(["head", "-c", str(size), "/dev/zero"], stdout=subprocess.PIPE)
+            ssh = subprocess.Popen(
+                lab.ssh_cmd("gateway", remote_slow),
+                stdin=src.stdout,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            procs += [src, ssh]
+        else:
+            ssh = subprocess.Popen(
+                lab.ssh_cmd("gateway", f"head -c {size} /dev/zero"),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+            )
+            reader = subprocess.Popen(slow_cmd, stdin=ssh.stdout)
+            procs += [ssh, reader]
+        assert procs[-2].stdout is not None
+        procs[-2].stdout.close()  # the pipe now belongs to the two children only
+    peak = baseline
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        peak = max(peak, rss_bytes(pid))
+        time.sleep(0.1)
+    for proc in procs:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGKILL)
+    for proc in procs:
+        proc.wait()
+    time.sleep(1.0)
+    return {"baseline": baseline, "peak": peak, "clients": clients, "direction": direction}
+
+
+def auth_latencies(log_path: Path, start: int, end: int | None = None) -> list[float]:
+    """``seconds`` of every ``auth_lookup`` event logged between two byte offsets."""
+    out = []
+    with log_path.open("rb") as f:
+        f.seek(start)
+        data = f.read() if end is None else f.read(end - start)
+    for line in data.splitlines():
+        with contextlib.suppress(ValueError):
+            event = json.loads(line)
+            if event.get("event") == "auth_lookup":
+                out.append(float(event["seconds"]))
+    return out
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+# --- the table ---
+
+
+def fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "—"
+    if unit in ("ms", "MB/s", "logins/s", "s/GiB", "KiB", "MiB"):
+        return f"{value:,.1f} {unit}" if value < 100 else f"{value:,.0f} {unit}"
+    return f"{value:g} {unit}"
+
+
+def fmt_ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}x"
+
+
+def render(results: Results) -> str:
+    header = ["metric", "OpenSSH direct", "OpenSSH -J", "gateway", "gw÷direct", "gw÷-J", "target"]
+    rows = [header]
+    for row in results.rows:
+        met = "" if row.met is None else (" ✓" if row.met else " ✗")
+        rows.append(
+            [
+                row.metric,
+                fmt(row.direct, row.unit),
+                fmt(row.bastion, row.unit),
+                fmt(row.gateway, row.unit),
+                fmt_ratio(row.ratio(row.direct)),
+                fmt_ratio(row.ratio(row.bastion)),
+                row.target + met,
+            ]
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows
+    ]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+# --- main ---
+
+
+def measure(lab: Lab, profile: Profile, results: Results, only: set[str] | None) -> None:
+    rows, raw = results.rows, results.raw
+    log_path = lab.gateway.log_path if lab.gateway else Path("/dev/null")
+    paths = ("direct", "bastion", "gateway")
+
+    def want(name: str) -> bool:
+        return only is None or name in only
+
+    def timed(name: str, fn: Callable[[], None]) -> None:
+        if want(name):
+            t0 = time.monotonic()
+            say(f"-- {name} ...")
+            fn()
+            say(f"   {name}: {time.monotonic() - t0:.1f} s")
+
+    def connect() -> None:
+        medians: dict[str, float] = {}
+        for path in paths:
+            offset = log_path.stat().st_size
+            samples = connect_latency(lab, path, profile.connect_runs)
+            raw[f"connect_{path}_seconds"] = samples
+            medians[path] = statistics.median(samples) * 1000
+            if path == "gateway":
+                raw["auth_idle_seconds"] = auth_latencies(log_path, offset)
+        row = Row("connect + `true` (median)", "ms", *(medians[p] for p in paths))
+        row.target = "≤ 1.00x direct"
+        row.met = row.gateway is not None and row.gateway <= medians["direct"]
+        rows.append(row)
+
+    def throughput() -> None:
+        cpu_total, bytes_total = 0.0, 0
+        for direction in ("up", "down"):
+            rates: dict[str, float] = {}
+            for path in paths:
+                runs = []
+                for _ in range(profile.transfer_runs):
+                    elapsed, cpu = transfer(lab, path, direction, profile.transfer_bytes)
+                    runs.append(elapsed)
+                    if path == "gateway":
+                        cpu_total += cpu
+                        bytes_total += profile.transfer_bytes
+                raw[f"{direction}_{path}_seconds"] = runs
+                rates[path] = profile.transfer_bytes / statistics.median(runs) / 1e6
+            label = "upload" if direction == "up" else "download"
+            size = f"{profile.transfer_bytes // MIB} MiB"
+            row = Row(f"{label} {size} via cat (median)", "MB/s", *(rates[p] for p in paths))
+            row.target = "≥ 1.0x -J, → 0.9x direct"
+            row.met = rates["gateway"] >= rates["bastion"]
+            rows.append(row)
+        cpu_per_gib = cpu_total / (bytes_total / GIB)
+        raw["gateway_cpu_seconds"] = cpu_total
+        rows.append(
+            Row(
+                "gateway CPU per GiB relayed",
+                "s/GiB",
+                gateway=cpu_per_gib,
+                target="≤ 4 s/GiB",
+                met=cpu_per_gib <= 4.0,
+            )
+        )
+
+    def logins() -> None:
+        rates: dict[str, float | None] = {"bastion": None}
+        offset = log_path.stat().st_size
+        for path in ("direct", "gateway"):
+            rate, failed = logins_per_second(
+                lab, path, profile.login_clients, profile.login_seconds
+            )
+            rates[path] = rate
+            raw[f"logins_{path}_failed"] = failed
+        raw["auth_loaded_seconds"] = auth_latencies(log_path, offset)
+        row = Row(
+            f"new logins/s, {profile.login_clients} clients x {profile.login_seconds:g} s",
+            "logins/s",
+            rates["direct"],
+            None,
+            rates["gateway"],
+            target="≥ 1.5x direct",
+        )
+        row.met = (rates["gateway"] or 0) >= 1.5 * (rates["direct"] or 0)
+        rows.append(row)
+        loaded = f"{profile.login_clients} clients"
+        for key, label in (("auth_idle_seconds", "idle"), ("auth_loaded_seconds", loaded)):
+            values = raw.get(key) or []
+            if values:
+                p50, p99 = percentile(values, 50) * 1000, percentile(values, 99) * 1000
+                rows.append(Row(f"auth decision p50 ({label})", "ms", gateway=p50))
+                rows.append(Row(f"auth decision p99 ({label})", "ms", gateway=p99))
+
+    def idle() -> None:
+        before, after, errors = idle_rss(lab, profile.idle_connections)
+        per = (after - before) / profile.idle_connections / 1024
+        raw["idle"] = {"before": before, "after": after, "errors": errors}
+        rows.append(
+            Row(
+                f"gateway RSS per idle conn, {profile.idle_connections} conns",
+                "KiB",
+                gateway=per,
+                target="≤ 40 KiB",
+                met=per <= 40 and errors == 0,
+                notes=f"{errors} errors",
+            )
+        )
+
+    def slow() -> None:
+        for direction in ("up", "down"):
+            out = slow_reader_rss(
+                lab, direction, profile.slow_clients, profile.slow_bytes, profile.slow_seconds
+            )
+            raw[f"slow_{direction}"] = out
+            growth = (out["peak"] - out["baseline"]) / MIB
+            per_stream = growth / profile.slow_clients
+            label = "up into slow reader" if direction == "up" else "down into slow reader"
+            rows.append(
+                Row(
+                    f"gateway RSS growth, {profile.slow_clients} x {label}",
+                    "MiB",
+                    gateway=growth,
+                    target=f"≤ 2 windows/stream ({2 * WINDOW * profile.slow_clients // MIB} MiB)",
+                    met=per_stream <= 2 * WINDOW / MIB,
+                )
+            )
+
+    timed("connect", connect)
+    timed("throughput", throughput)
+    timed("logins", logins)
+    timed("idle", idle)
+    timed("slow", slow)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="256 MiB transfers, fewer runs")
+    mode.add_argument("--smoke", action="store_true", help="tiny sizes: checks the bench runs")
+    parser.add_argument(
+        "--only",
+        help="comma-separated subset of: connect,throughput,logins,idle,slow",
+    )
+    parser.add_argument("--json", type=Path, help="write results here (default bench/results/)")
+    args = parser.parse_args(argv)
+    profile = PROFILES["smoke" if args.smoke else "quick" if args.quick else "full"]
+    only = set(args.only.split(",")) if args.only else None
+    started = time.strftime("%Y-%m-%dT%H-%M-%S")
+    results = Results(
+        profile=profile.name,
+        started=started,
+        machine=machine_info(),
+        algorithms={
+            "client_cipher": CIPHER,
+            "client_kex": KEX,
+            "gateway_upstream_ciphers": algorithms.encryption_algs(),
+            "gateway_upstream_kex": algorithms.kex_algs(),
+        },
+    )
+    say(f"bringing up PostgreSQL, sandbox sshd and gateway (profile {profile.name}) ...")
+    lab = Lab()
+    try:
+        lab.start()
+        measure(lab, profile, results, only)
+    finally:
+        lab.stop()
+    m = results.machine
+    print(TABLE_MARK)
+    print(
+        f"profile {profile.name}; {m['cpus']} CPUs ({m['cpu_model']}), Linux {m['kernel']}, "
+        f"Python {m['python']}, asyncssh {m['asyncssh']}, {m['openssh']}"
+    )
+    print(
+        f"client: -c {CIPHER} -o KexAlgorithms={KEX} (every hop, -J included); gateway upstream "
+        f"prefers {results.algorithms['gateway_upstream_ciphers'][0]}, kex "
+        f"{','.join(results.algorithms['gateway_upstream_kex'][:2])}…"
+    )
+    print(render(results))
+    out = args.json or Path(__file__).resolve().parent / "results" / f"{started}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = asdict(results)
+    for row, data in zip(results.rows, payload["rows"], strict=True):
+        data["ratio_direct"] = row.ratio(row.direct)
+        data["ratio_bastion"] = row.ratio(row.bastion)
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"results: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""``/healthz``, ``/readyz`` and ``/metrics`` as aiohttp routes.
+
+They are handed to the key API as ``extra_routes`` (one HTTP listener), or served by a small
+listener of their own when ``metrics.listen`` is set or the API is off.
+
+- ``/healthz``: 200 while the process runs its event loop.
+- ``/readyz``: 200 only when the database answers ``SELECT 1`` within 2 s, the SSH listener is
+  up and the gateway is not draining; 503 otherwise, with the failing checks in the JSON body.
+- ``/metrics``: Prometheus text exposition (see gateway/metrics.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from gateway import metrics
+
+
+class Probe(Protocol):
+    """What the health handlers need to know about the gateway."""
+
+    def listeners_up(self) -> bool: ...
+
+    def is_draining(self) -> bool: ...
+
+    async def database_ok(self) -> bool: ...
+
+
+def routes(probe: Probe) -> list[web.RouteDef]:
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    async def readyz(_request: web.Request) -> web.Response:
+        try:
+            db = await asyncio.wait_for(probe.database_ok(), 2.0)
+        except (TimeoutError, OSError):
+            db = False
+        checks = {
+            "database": db,
+            "listeners": probe.listeners_up(),
+            "not_draining": not probe.is_draining(),
+        }
+        ready = all(checks.values())
+        return web.json_response(
+            {"status": "ready" if ready else "not ready", "checks": checks},
+            status=200 if ready else 503,
+        )
+
+    async def metrics_handler(_request: web.Request) -> web.Response:
+        body = metrics.render()
+        return web.Response(body=body, headers={"Content-Type": metrics.CONTENT_TYPE})
+
+    return [
+        web.get("/healthz", healthz),
+        web.get("/readyz", readyz),
+        web.get("/metrics", metrics_handler),
+    ]
+
+
+class HealthServer:
+    """The small listener used when the key API does not carry the routes."""
+
+    def __init__(self, runner: web.AppRunner, port: int) -> None:
+        self._runner = runner
+        self.port = port
+
+    @classmethod
+    async def start(cls, probe: Probe, host: str, port: int) -> HealthServer:
+        app = web.Application()
+        app.add_routes(routes(probe))
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, reuse_address=True)
+        await site.start()
+        server: Any = site._server
+        bound = port
+        if server is not None and getattr(server, "sockets", None):
+            bound = int(server.sockets[0].getsockname()[1])
+        return cls(runner, bound)
+
+    async def close(self) -> None:
+        await self._runner.cleanup()

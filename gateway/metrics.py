@@ -1,0 +1,108 @@
+"""Prometheus metrics (prometheus_client), all prefixed ``rtgw_``.
+
+With several worker processes the supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` before starting
+them, so every worker writes its samples there and ``render()`` (served by worker 0) sums them:
+one scrape shows the whole gateway. Gauges use ``livesum`` so a dead worker's values vanish.
+
+Counters are incremented where things happen (gateway/ssh_server.py, gateway/proxy_protocol.py
+outcomes, gateway/server.py); bytes are counted when a session ends.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+CONNECTIONS = Counter("rtgw_connections", "SSH connections accepted or dropped at once", ["result"])
+CONNECTIONS_OPEN = Gauge(
+    "rtgw_connections_open", "SSH connections open now", ["state"], multiprocess_mode="livesum"
+)
+PROXY_HEADERS = Counter(
+    "rtgw_proxy_protocol", "PROXY protocol outcomes on the SSH listener", ["result"]
+)
+AUTH = Counter("rtgw_auth", "Public-key auth decisions by result and reason", ["result", "reason"])
+AUTH_DECISION = Histogram(
+    "rtgw_auth_decision_seconds",
+    "Time to load what decides a login (sandbox + org keys), per connection",
+    buckets=_LATENCY_BUCKETS,
+)
+UPSTREAM_CONNECT = Histogram(
+    "rtgw_upstream_connect_seconds",
+    "Time to an authenticated connection to the sandbox's sshd",
+    ["result"],
+    buckets=_LATENCY_BUCKETS,
+)
+SESSIONS = Counter(
+    "rtgw_sessions", "Session channels ended, by kind and result", ["kind", "result"]
+)
+CHANNELS_ACTIVE = Gauge(
+    "rtgw_channels_active",
+    "Open channels by type (session, direct-tcpip)",
+    ["type"],
+    multiprocess_mode="livesum",
+)
+BYTES = Counter(
+    "rtgw_relayed_bytes",
+    "Session bytes relayed (up = client to sandbox), counted at session end",
+    ["direction"],
+)
+DB_POOL = Gauge(
+    "rtgw_db_pool_connections",
+    "Database pool connections by state (open, idle, max)",
+    ["state"],
+    multiprocess_mode="livesum",
+)
+DRAINING = Gauge(
+    "rtgw_draining", "1 while the gateway drains for a stop", multiprocess_mode="livemax"
+)
+RELOADS = Counter("rtgw_reloads", "Configuration reloads (SIGHUP)", ["result"])
+AUDIT_QUEUED = Gauge(
+    "rtgw_audit_queued", "Audit events waiting to be written", multiprocess_mode="livesum"
+)
+
+
+def _short(kind: str) -> str:
+    """subsystem:sftp stays, anything else odd is folded so labels stay bounded."""
+    if kind in ("shell", "exec", "subsystem:sftp"):
+        return kind
+    return "subsystem:other" if kind.startswith("subsystem:") else "other"
+
+
+def session_ended(kind: str, result: str, bytes_up: int, bytes_down: int) -> None:
+    SESSIONS.labels(_short(kind), result).inc()
+    BYTES.labels("up").inc(bytes_up)
+    BYTES.labels("down").inc(bytes_down)
+
+
+def update_pool(pool: Any) -> None:
+    """Sample an asyncpg pool (called periodically)."""
+    try:
+        DB_POOL.labels("open").set(pool.get_size())
+        DB_POOL.labels("idle").set(pool.get_idle_size())
+        DB_POOL.labels("max").set(pool.get_max_size())
+    except AttributeError:  # a bare connection in tests
+        return
+
+
+def render() -> bytes:
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return bytes(generate_latest(registry))
+    return bytes(generate_latest(REGISTRY))
