@@ -175,6 +175,12 @@ class Lab:
             return [*base, "-p", str(self.gateway.ssh_port), f"{SANDBOX}@127.0.0.1", *remote]
         raise ValueError(path)
 
+    def restart_gateway(self) -> None:
+        """A fresh gateway process (same port, keys, state): memory figures start clean."""
+        assert self.gateway is not None
+        self.gateway.stop()
+        self.gateway.start()
+
     @property
     def gateway_pid(self) -> int:
         assert self.gateway is not None and self.gateway.proc is not None

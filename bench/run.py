@@ -217,7 +217,10 @@ async def _idle_connections(lab: Lab, count: int) -> tuple[int, int, int]:
     """Open ``count`` authenticated idle connections; RSS before and with them, and errors."""
     pid = lab.gateway_pid
     options = lab.gateway_client_options()
-    await asyncio.sleep(0.5)
+    # Warm-up connections first: the first logins pay one-off costs (lazy imports, caches, the
+    # database pool) that are not per-connection.
+    warm = [await asyncssh.connect(**options) for _ in range(8)]
+    await asyncio.sleep(1.0)
     before = rss_bytes(pid)
     sem = asyncio.Semaphore(32)
     conns: list[asyncssh.SSHClientConnection] = []
@@ -234,6 +237,7 @@ async def _idle_connections(lab: Lab, count: int) -> tuple[int, int, int]:
     await asyncio.gather(*(one() for _ in range(count)))
     await asyncio.sleep(3.0)  # let the gateway finish its upstream logins
     with_conns = rss_bytes(pid)
+    conns += warm
     for conn in conns:
         conn.close()
     await asyncio.gather(*(conn.wait_closed() for conn in conns), return_exceptions=True)
@@ -441,6 +445,7 @@ def measure(lab: Lab, profile: Profile, results: Results, only: set[str] | None)
                 rows.append(Row(f"auth decision p99 ({label})", "ms", gateway=p99))
 
     def idle() -> None:
+        lab.restart_gateway()
         before, after, errors = idle_rss(lab, profile.idle_connections)
         per = (after - before) / profile.idle_connections / 1024
         raw["idle"] = {"before": before, "after": after, "errors": errors}
@@ -457,6 +462,7 @@ def measure(lab: Lab, profile: Profile, results: Results, only: set[str] | None)
 
     def slow() -> None:
         for direction in ("up", "down"):
+            lab.restart_gateway()
             out = slow_reader_rss(
                 lab, direction, profile.slow_clients, profile.slow_bytes, profile.slow_seconds
             )

@@ -114,6 +114,9 @@ class ClientSide(asyncssh.SSHServerSession[bytes]):
         self._up_chan: asyncssh.SSHClientChannel[bytes] | None = None
         self._pending: list[tuple[bytes, asyncssh.DataType]] = []
         self._pending_eof = False
+        # True while the upstream channel's send buffer is over its high-water mark: the
+        # client's channel must stay paused whatever else would resume it.
+        self._upstream_full = False
         self._pty: tuple[str, tuple[int, int, int, int], dict[int, int]] | None = None
         self._command: str | None = None
         self._subsystem: str | None = None
@@ -159,7 +162,12 @@ class ClientSide(asyncssh.SSHServerSession[bytes]):
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
         self.summary.bytes_up += len(data)
         if self._up_chan is None:
+            # asyncssh resumes reading by itself once exec/shell/subsystem is accepted, before
+            # the upstream channel exists: hold at most this packet, leave the rest unread
+            # (the SSH window then pushes back on the client).
             self._pending.append((data, datatype))
+            if self._chan is not None:
+                self._chan.pause_reading()
         else:
             self._up_chan.write(data)
 
@@ -259,10 +267,12 @@ class ClientSide(asyncssh.SSHServerSession[bytes]):
             )
 
     def pause_client_reading(self) -> None:
+        self._upstream_full = True
         if self._chan is not None and not self._closed:
             self._chan.pause_reading()
 
     def resume_client_reading(self) -> None:
+        self._upstream_full = False
         if self._chan is not None and not self._closed:
             self._chan.resume_reading()
 
@@ -321,7 +331,8 @@ class ClientSide(asyncssh.SSHServerSession[bytes]):
         self._pending.clear()
         if self._pending_eof:
             up_chan.write_eof()
-        chan.resume_reading()
+        if not self._upstream_full:  # flushing _pending may already have filled the upstream
+            chan.resume_reading()
 
     def _fail(self, text: str, reason: str) -> None:
         """One line on stderr, nothing on stdout, exit 255."""

@@ -7,6 +7,7 @@ from typing import Any
 
 import jsonschema
 import pytest
+from openapi_spec_validator import validate
 
 from keystore.api import create_app
 from keystore.api.app import ROUTES
@@ -58,6 +59,10 @@ def test_every_reference_resolves(doc: dict[str, Any]) -> None:
 def test_every_schema_is_valid_json_schema(doc: dict[str, Any]) -> None:
     for schema in doc["components"]["schemas"].values():
         jsonschema.Draft202012Validator.check_schema(schema)
+
+
+def test_the_document_is_a_valid_openapi_3_1_document(doc: dict[str, Any]) -> None:
+    validate(doc)
 
 
 def test_the_document_is_plain_json(doc: dict[str, Any]) -> None:
