@@ -52,6 +52,10 @@ class SshConfig:
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     connect_timeout_seconds: float = 10.0
+    # Session channels per shared upstream connection: the sandbox sshd's MaxSessions.
+    max_sessions_per_connection: int = 10
+    # Idle shared upstream connections close after this long.
+    pool_idle_seconds: float = 60.0
     keepalive_interval_seconds: float = 30.0
     keepalive_count_max: int = 3
 

@@ -9,6 +9,7 @@ import asyncssh
 
 from gateway.audit import AuditWriter
 from gateway.config import Config
+from gateway.upstream_pool import UpstreamPool
 from keystore.db import Executor
 
 if TYPE_CHECKING:
@@ -24,3 +25,5 @@ class Runtime:
     connections: set[GatewayConnection] = field(default_factory=set)
     unauthenticated: int = 0
     draining: bool = False
+    # Warm shared upstream connections (gateway/upstream_pool.py); None only in unit tests.
+    upstream_pool: UpstreamPool | None = None

@@ -28,13 +28,14 @@ from typing import Any
 import asyncssh
 import structlog
 
-from gateway import algorithms, health, hostkeys, messages, metrics, systemd
+from gateway import algorithms, health, hostkeys, messages, metrics, systemd, upstream
 from gateway.audit import AuditWriter
 from gateway.config import Config, parse_listen
 from gateway.errors import ConfigError
 from gateway.proxy_protocol import Listener, ProxySettings
 from gateway.runtime import Runtime
 from gateway.ssh_server import GatewayConnection
+from gateway.upstream_pool import UpstreamPool
 from keystore import db as keystore_db
 from keystore.errors import Unavailable
 
@@ -205,6 +206,15 @@ class Gateway:
         audit = AuditWriter(pool)
         audit.start()
         self.runtime = Runtime(config=config, db=pool, upstream_key=upstream_key, audit=audit)
+        rt_ = self.runtime
+        rt_.upstream_pool = UpstreamPool(
+            # Read config and key at call time, so a reload applies to new connections.
+            lambda target: upstream.connect(
+                target, client_key=rt_.upstream_key, config=rt_.config.upstream, conn_id="-"
+            ),
+            max_sessions=config.upstream.max_sessions_per_connection,
+            idle_seconds=config.upstream.pool_idle_seconds,
+        )
         rt = self.runtime
 
         sock = inherited_listen_socket()
@@ -399,6 +409,8 @@ class Gateway:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._acceptor.wait_closed(), 2.0)
         await rt.audit.close()
+        if rt.upstream_pool is not None:
+            await rt.upstream_pool.close()
         await rt.db.close()
         log.info("stopped", audit_written=rt.audit.written, audit_dropped=rt.audit.dropped)
         self.notifier.close()

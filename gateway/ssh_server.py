@@ -13,6 +13,7 @@ import contextlib
 import os
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 import asyncssh
@@ -24,6 +25,7 @@ from gateway.errors import UpstreamError
 from gateway.login import sandbox_id_from_login
 from gateway.relay import ClientSide, SessionSummary
 from gateway.runtime import Runtime
+from gateway.upstream_pool import Lease
 from keystore import sandboxes, ssh_keys
 from keystore.audit_events import AuditEvent
 from keystore.errors import Unavailable
@@ -63,7 +65,7 @@ class GatewayConnection(asyncssh.SSHServer):
         self._accepted: AuthorizedKey | None = None
         self._refused = 0
         self._banner_sent = False
-        self._upstream: asyncio.Task[asyncssh.SSHClientConnection] | None = None
+        self._leases: dict[object, Lease] = {}  # session or forwarder -> its pool lease
         self._sessions: set[ClientSide] = set()
         self._started = time.monotonic()
 
@@ -97,11 +99,9 @@ class GatewayConnection(asyncssh.SSHServer):
         if self._authenticated and self in rt.connections:
             metrics.CONNECTIONS_OPEN.labels("authenticated").dec()
         rt.connections.discard(self)
-        if self._upstream is not None:
-            self._upstream.cancel()
-            if self._upstream.done() and not self._upstream.cancelled():
-                if self._upstream.exception() is None:
-                    self._upstream.result().close()
+        for lease in self._leases.values():
+            lease.release()  # the shared upstream connection stays for other clients
+        self._leases.clear()
         self.log.info(
             "connection_closed",
             error=str(exc) if exc else None,
@@ -161,6 +161,12 @@ class GatewayConnection(asyncssh.SSHServer):
             match = self._access.key_for(fingerprint, canonical_line(key))
         if match is not None:
             self._accepted = match
+            pool = self._rt.upstream_pool
+            if pool is not None and self._access is not None:
+                if self._access.sandbox.status == "running":
+                    # A registered key was offered: open the upstream connection while the
+                    # client signs (no unauthenticated amplification: only registered keys).
+                    pool.warm(self._target())
             return True
         self._refused += 1
         reason = self._refusal or messages.KEY_NOT_REGISTERED.code
@@ -191,31 +197,40 @@ class GatewayConnection(asyncssh.SSHServer):
         self._audit_auth("ok", None, self._accepted.fingerprint)
         self.log.info("auth_ok")
         asyncio.get_running_loop().create_task(self._touch_key(sandbox.org_id, self._accepted))
-        if sandbox.status == "running":
-            self._upstream = asyncio.get_running_loop().create_task(self._connect_upstream())
+        if sandbox.status == "running" and self._rt.upstream_pool is not None:
+            self._rt.upstream_pool.warm(self._target())
 
     async def _touch_key(self, org_id: Any, key: AuthorizedKey) -> None:
         with contextlib.suppress(Unavailable):
             await ssh_keys.touch_last_used(self._rt.db, org_id, key.id)
 
-    async def _connect_upstream(self) -> asyncssh.SSHClientConnection:
+    def _target(self) -> upstream.Target:
         assert self._access is not None
         sandbox = self._access.sandbox
-        target = upstream.Target(
+        return upstream.Target(
             sandbox_id=sandbox.id,
             host=sandbox.upstream_host,
             port=sandbox.upstream_port,
             user=sandbox.login_user,
             host_keys=sandbox.host_keys,
         )
+
+    async def _lease(self, holder: object) -> asyncssh.SSHClientConnection:
+        """A channel's share of a warm upstream connection to this login's sandbox.
+
+        Raises UpstreamError with a message for this user (their connection id) when the sandbox
+        is stopped or cannot be used. The lease is released when ``holder`` ends.
+        """
+        assert self._access is not None
+        sandbox = self._access.sandbox
+        pool = self._rt.upstream_pool
+        if sandbox.status != "running" or pool is None:
+            raise UpstreamError(
+                messages.SANDBOX_STOPPED.code, messages.SANDBOX_STOPPED.render(sandbox=sandbox.id)
+            )
         t0 = time.perf_counter()
         try:
-            conn = await upstream.connect(
-                target,
-                client_key=self._rt.upstream_key,
-                config=self._rt.config.upstream,
-                conn_id=self.conn_id,
-            )
+            lease = await pool.acquire(self._target())
         except UpstreamError as exc:
             level = (
                 "error"
@@ -229,21 +244,31 @@ class GatewayConnection(asyncssh.SSHServer):
                 error=str(exc.__cause__) if exc.__cause__ else None,
             )
             metrics.UPSTREAM_CONNECT.labels(exc.reason_code).observe(time.perf_counter() - t0)
-            raise
+            raise UpstreamError(exc.reason_code, self._upstream_message(exc.reason_code)) from exc
         elapsed = time.perf_counter() - t0
         metrics.UPSTREAM_CONNECT.labels("ok").observe(elapsed)
-        self.log.info("upstream_connected", seconds=round(elapsed, 4))
-        return conn
+        self.log.info("upstream_leased", seconds=round(elapsed, 4))
+        # Released when the holder ends, or at the latest with this client connection.
+        self._leases[holder] = lease
+        return lease.conn  # type: ignore[return-value]
 
-    async def upstream_connection(self) -> asyncssh.SSHClientConnection:
-        """The shared upstream connection; UpstreamError with a user message if unusable."""
+    def _release(self, holder: object) -> None:
+        lease = self._leases.pop(holder, None)
+        if lease is not None:
+            lease.release()
+
+    def _upstream_message(self, code: str) -> str:
         assert self._access is not None
-        sandbox = self._access.sandbox
-        if self._upstream is None:
-            raise UpstreamError(
-                messages.SANDBOX_STOPPED.code, messages.SANDBOX_STOPPED.render(sandbox=sandbox.id)
+        values = {"sandbox": self._access.sandbox.id, "conn_id": self.conn_id}
+        reason = {
+            r.code: r
+            for r in (
+                messages.UPSTREAM_HOST_KEY_MISMATCH,
+                messages.UPSTREAM_AUTH_FAILED,
+                messages.UPSTREAM_UNREACHABLE,
             )
-        return await asyncio.shield(self._upstream)
+        }.get(code, messages.UPSTREAM_UNREACHABLE)
+        return reason.render(seconds=self._rt.config.upstream.connect_timeout_seconds, **values)
 
     # --- channels (RFC 4254) ---
 
@@ -258,7 +283,7 @@ class GatewayConnection(asyncssh.SSHServer):
         session: AuditedSession = AuditedSession(
             owner=self,
             session_id=session_id,
-            upstream=self.upstream_connection,
+            upstream=lambda: self._lease(session),
             sandbox_id=self._access.sandbox.id,
             conn_id=self.conn_id,
             log=self.log,
@@ -294,6 +319,7 @@ class GatewayConnection(asyncssh.SSHServer):
         if session not in self._sessions:
             return
         self._sessions.discard(session)
+        self._release(session)
         metrics.CHANNELS_ACTIVE.labels("session").dec()
         result = "error" if summary.reason else "ok"
         metrics.session_ended(summary.kind, result, summary.bytes_up, summary.bytes_down)
@@ -330,14 +356,19 @@ class GatewayConnection(asyncssh.SSHServer):
     ) -> Any:
         """``ssh -L`` / ``-D``: open the TCP connection from inside the sandbox."""
         conn = self._conn
-        if conn is None or self._upstream is None:
+        if conn is None or self._access is None or self._access.sandbox.status != "running":
             return False
         self.log.info("direct_tcpip", dest=f"{dest_host}:{dest_port}")
 
         async def open_through_sandbox() -> Any:
-            up = await self.upstream_connection()
-            forwarder = await conn.forward_tunneled_connection(up, dest_host, dest_port)
-            _count_channel(forwarder, "direct-tcpip")
+            holder = object()
+            up = await self._lease(holder)
+            try:
+                forwarder = await conn.forward_tunneled_connection(up, dest_host, dest_port)
+            except BaseException:
+                self._release(holder)
+                raise
+            _count_channel(forwarder, "direct-tcpip", on_close=lambda: self._release(holder))
             return forwarder
 
         return open_through_sandbox()
@@ -431,22 +462,26 @@ class AuditedSession(ClientSide):
             chan.write_stderr(text.encode() + end)
 
 
-def _count_channel(session: Any, kind: str) -> None:
-    """Count an open forwarding channel until its session reports connection_lost."""
+def _count_channel(session: Any, kind: str, on_close: Callable[[], None]) -> None:
+    """Count an open forwarding channel until its session reports connection_lost, then call
+    ``on_close`` (which releases its upstream lease)."""
     gauge = metrics.CHANNELS_ACTIVE.labels(kind)
     original = getattr(session, "connection_lost", None)
     if original is None:
+        on_close()
         return
     gauge.inc()
 
     def lost(exc: Exception | None) -> None:
         gauge.dec()
+        on_close()
         original(exc)
 
     try:
         session.connection_lost = lost
     except AttributeError:
         gauge.dec()
+        on_close()
 
 
 def _printable(text: str) -> str:
