@@ -210,7 +210,7 @@ class Gateway:
         rt_.upstream_pool = UpstreamPool(
             # Read config and key at call time, so a reload applies to new connections.
             lambda target: upstream.connect(
-                target, client_key=rt_.upstream_key, config=rt_.config.upstream, conn_id="-"
+                target, client_key=rt_.upstream_key, config=rt_.config.upstream
             ),
             max_sessions=config.upstream.max_sessions_per_connection,
             idle_seconds=config.upstream.pool_idle_seconds,

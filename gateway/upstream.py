@@ -41,10 +41,12 @@ async def connect(
     *,
     client_key: asyncssh.SSHKey,
     config: UpstreamConfig,
-    conn_id: str,
 ) -> asyncssh.SSHClientConnection:
-    """Open an authenticated connection, or raise UpstreamError with a user-facing message."""
-    values = {"sandbox": target.sandbox_id, "conn_id": conn_id}
+    """Open an authenticated connection, or raise UpstreamError with a reason code.
+
+    The connection is shared by many users' sessions (gateway/upstream_pool.py), so the error
+    carries no user-facing text: each session renders its own (gateway/ssh_server.py).
+    """
     trusted = pinned_keys(target.host_keys)
     try:
         return await asyncio.wait_for(
@@ -68,16 +70,10 @@ async def connect(
             timeout=config.connect_timeout_seconds,
         )
     except asyncssh.HostKeyNotVerifiable as exc:
-        raise UpstreamError(
-            messages.UPSTREAM_HOST_KEY_MISMATCH.code,
-            messages.UPSTREAM_HOST_KEY_MISMATCH.render(**values),
-        ) from exc
+        raise UpstreamError(messages.UPSTREAM_HOST_KEY_MISMATCH.code, str(exc)) from exc
     except asyncssh.PermissionDenied as exc:
-        raise UpstreamError(
-            messages.UPSTREAM_AUTH_FAILED.code, messages.UPSTREAM_AUTH_FAILED.render(**values)
-        ) from exc
+        raise UpstreamError(messages.UPSTREAM_AUTH_FAILED.code, str(exc)) from exc
     except (OSError, TimeoutError, asyncssh.Error) as exc:
         raise UpstreamError(
-            messages.UPSTREAM_UNREACHABLE.code,
-            messages.UPSTREAM_UNREACHABLE.render(seconds=config.connect_timeout_seconds, **values),
+            messages.UPSTREAM_UNREACHABLE.code, str(exc) or type(exc).__name__
         ) from exc

@@ -24,7 +24,7 @@ async def test_pooled_connection_runs_concurrent_sessions(
     )
 
     async def connect(t: upstream.Target) -> upstream.asyncssh.SSHClientConnection:
-        return await upstream.connect(t, client_key=key, config=UpstreamConfig(), conn_id="pool")
+        return await upstream.connect(t, client_key=key, config=UpstreamConfig())
 
     pool = UpstreamPool(connect, max_sessions=4)  # type: ignore[arg-type]
     pool.warm(target)
