@@ -1,8 +1,8 @@
 """Bring up everything the benchmark compares, on this machine, and take it down again.
 
-* a throwaway PostgreSQL (``keystore.throwaway.ThrowawayCluster``) with one org, one sandbox and
+* a throwaway PostgreSQL (``gateway.lab.postgres.ThrowawayCluster``) with one org, one sandbox and
   the benchmark user's key registered;
-* one OpenSSH ``sshd`` (``gateway.sandbox_sshd.SandboxSshd``) that plays the sandbox, trusting
+* one OpenSSH ``sshd`` (``gateway.lab.sandbox_sshd.SandboxSshd``) that plays the sandbox, trusting
   both the gateway's upstream key and the benchmark user's key, logged into as its dedicated
   non-root ``/bin/sh`` user (so bash start-up is not measured). The same sshd is the jump host
   of the bastion path (``ssh -J``);
@@ -30,13 +30,13 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from gateway import hostkeys  # noqa: E402
-from gateway.sandbox_sshd import SandboxSshd  # noqa: E402
+from gateway.ssh import hostkeys  # noqa: E402
+from gateway.lab.postgres import ThrowawayCluster  # noqa: E402
+from gateway.lab.sandbox_sshd import SandboxSshd  # noqa: E402
 from keystore import db as keystore_db  # noqa: E402
 from keystore import keys as keyparse  # noqa: E402
 from keystore import orgs, sandboxes, ssh_keys  # noqa: E402
 from keystore.migrate import migrate  # noqa: E402
-from keystore.throwaway import ThrowawayCluster  # noqa: E402
 from tests.support import GatewayProcess  # noqa: E402
 
 CIPHER = "aes128-gcm@openssh.com"

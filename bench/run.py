@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import asyncssh
 
 from bench.lab import CIPHER, KEX, Lab
-from gateway import algorithms
+from gateway.ssh import algorithms
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB

@@ -34,7 +34,7 @@
    bytes still buffered as not yet consumed, so a channel never holds more than one window of
    received data. Upstream-worthy.
 
-``apply()`` is idempotent and is called by ``gateway.ssh_server`` at import. 2-4 patch
+``apply()`` is idempotent and is called by ``gateway.ssh.server`` at import. 2-4 patch
 ``SSHConnection`` itself, so both legs (client-facing and upstream) get them.
 """
 
@@ -48,7 +48,7 @@ import asyncssh.connection
 from asyncssh.constants import MSG_IGNORE
 from asyncssh.packet import SSHPacket, String
 
-from gateway.algorithms import SHA1_SIGNATURES
+from gateway.ssh.algorithms import SHA1_SIGNATURES
 
 _APPLIED = False
 

@@ -14,9 +14,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from gateway import hostkeys, logs
 from gateway.config import Config
+from gateway.daemon import logs
 from gateway.errors import GatewayError
+from gateway.ssh import hostkeys
 from keystore import db as keystore_db
 from keystore import keys as keyparse
 from keystore import orgs, sandboxes, ssh_keys
@@ -33,15 +34,24 @@ def _print_json(value: Any) -> None:
 
 
 async def cmd_serve(args: argparse.Namespace) -> int:
-    from gateway.server import serve
+    """The entry point wires the parts: a supervisor of workers, or one gateway in-process."""
+    from gateway.daemon import sockets
 
     config = _config(args)
+    path = getattr(args, "config", None)
     logs.configure(config.log.level, config.log.format)
-    return await serve(config, getattr(args, "config", None))
+    if not sockets.is_worker() and config.process.worker_count() > 1:
+        from gateway.daemon.supervisor import Supervisor
+
+        return await Supervisor(config, path).run()
+    from gateway.daemon.lifecycle import Gateway
+
+    await Gateway(config, path).run()
+    return 0
 
 
 async def cmd_audit_tail(args: argparse.Namespace) -> int:
-    from gateway.audit_tail import tail
+    from gateway.audit.tail import tail
 
     return await tail(
         _config(args), org_slug=args.org, follow=args.follow, lines=args.lines, as_json=args.json
@@ -208,7 +218,7 @@ async def cmd_upstream_key(args: argparse.Namespace) -> int:
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
-    from gateway.demo import run_demo
+    from gateway.lab.demo import run_demo
 
     return await run_demo(ssh_port=args.port, key_file=args.key)
 
@@ -267,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("list", cmd_sandbox_list, "list an organization's sandboxes", sb)
     p.add_argument("--org", required=True)
 
-    from gateway.audit_tail import add_parser as add_audit_parser
+    from gateway.audit.tail import add_parser as add_audit_parser
 
     add_audit_parser(sub, cmd_audit_tail)
 

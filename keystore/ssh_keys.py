@@ -118,8 +118,7 @@ async def get_key(db: Executor, org_id: uuid.UUID, key_id: uuid.UUID) -> SshKey:
     """An active (not revoked) key of this org; NotFound for anything else, other orgs included."""
     with unavailable_on_failure("reading an SSH key"):
         row = await db.fetchrow(
-            f"SELECT {_COLUMNS} {_FROM} "
-            "WHERE k.org_id = $1 AND k.id = $2 AND k.revoked_at IS NULL",
+            f"SELECT {_COLUMNS} {_FROM} WHERE k.org_id = $1 AND k.id = $2 AND k.revoked_at IS NULL",
             org_id,
             key_id,
         )

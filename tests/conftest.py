@@ -14,13 +14,13 @@ from typing import Any, TypeVar
 
 import pytest
 
-from gateway import hostkeys
-from gateway.sandbox_sshd import SandboxSshd
+from gateway.lab.postgres import ThrowawayCluster
+from gateway.lab.sandbox_sshd import SandboxSshd
+from gateway.ssh import hostkeys
 from keystore import db as keystore_db
 from keystore import keys as keyparse
 from keystore import orgs, sandboxes, ssh_keys
 from keystore.migrate import migrate
-from keystore.throwaway import ThrowawayCluster
 from tests.support import GatewayProcess, SshClient, UserKey, make_key, unique
 
 T = TypeVar("T")

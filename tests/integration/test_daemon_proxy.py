@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 # ProxyCommand: connect from SOURCE_IP, send a PROXY header claiming CLAIMED:PORT, then relay.
 RELAY = """
 import os, socket, sys, threading
-from gateway import proxy_protocol as pp
+from gateway.ssh import proxy_protocol as pp
 version, source_ip, port, claimed, claimed_port = sys.argv[1:6]
 s = socket.socket()
 s.bind((source_ip, 0))

@@ -12,9 +12,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-import keystore.throwaway
-from gateway.sandbox_sshd import SandboxSshd
-from keystore.throwaway import ThrowawayCluster
+import gateway.lab.postgres
+from gateway.lab.postgres import ThrowawayCluster
+from gateway.lab.sandbox_sshd import SandboxSshd
 
 pytestmark = pytest.mark.integration
 
@@ -114,10 +114,10 @@ def test_throwaway_cluster_retries_when_port_taken(monkeypatch: pytest.MonkeyPat
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         taken_port = taken.getsockname()[1]
-        real_free_port = keystore.throwaway._free_port
+        real_free_port = gateway.lab.postgres._free_port
         ports = iter([taken_port])
         monkeypatch.setattr(
-            keystore.throwaway, "_free_port", lambda: next(ports, None) or real_free_port()
+            gateway.lab.postgres, "_free_port", lambda: next(ports, None) or real_free_port()
         )
 
         with ThrowawayCluster() as cluster:

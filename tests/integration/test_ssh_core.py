@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.sandbox_sshd import SandboxSshd
+from gateway.lab.sandbox_sshd import SandboxSshd
 from tests.conftest import Tenant
 from tests.support import GatewayProcess, SshClient, make_key, unique
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from gateway import hostkeys, upstream
 from gateway.config import UpstreamConfig
-from gateway.sandbox_sshd import SandboxSshd
-from gateway.upstream_pool import UpstreamPool
+from gateway.lab.sandbox_sshd import SandboxSshd
+from gateway.ssh import hostkeys
+from gateway.upstream import connect as upstream
+from gateway.upstream.pool import UpstreamPool
 
 
 async def test_pooled_connection_runs_concurrent_sessions(

@@ -12,8 +12,8 @@ import asyncssh
 import pytest
 
 from gateway import asyncssh_patches
-from gateway.algorithms import common_options
 from gateway.asyncssh_patches import signature_algorithm
+from gateway.ssh.algorithms import common_options
 
 asyncssh_patches.apply()
 

@@ -14,10 +14,10 @@ from typing import Any
 import asyncssh
 import pytest
 
-from gateway.audit import AuditWriter
+from gateway.audit.writer import AuditWriter
 from gateway.config import Config
-from gateway.runtime import Runtime
-from gateway.ssh_server import GatewayConnection, canonical_line
+from gateway.ssh.runtime import Runtime
+from gateway.ssh.server import GatewayConnection, canonical_line
 from keystore import sandboxes
 from keystore.keys import fingerprint_of_blob
 from keystore.models import AuthorizedKey, Sandbox, SandboxAccess

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway import systemd
 from gateway.config import Config
+from gateway.daemon import systemd
+from gateway.daemon.lifecycle import restart_only_changes
 from gateway.errors import ConfigError
-from gateway.server import restart_only_changes
 
 
 def test_notifier_sends_datagrams_and_is_silent_without_a_socket(tmp_path: Path) -> None:

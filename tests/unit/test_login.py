@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.login import sandbox_id_from_login
+from gateway.ssh.login import sandbox_id_from_login
 
 
 @pytest.mark.parametrize(

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from gateway import proxy_protocol as pp
-from gateway.proxy_protocol import ProxyHeader, ProxyProtocolError, parse
+from gateway.ssh import proxy_protocol as pp
+from gateway.ssh.proxy_protocol import ProxyHeader, ProxyProtocolError, parse
 
 # --- v1 ------------------------------------------------------------------------------------
 

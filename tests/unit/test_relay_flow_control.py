@@ -7,7 +7,7 @@ from typing import Any
 
 import structlog
 
-from gateway.relay import ClientSide
+from gateway.relay.session import ClientSide
 
 HIGH_WATER = 65536
 

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from gateway.upstream import Target
-from gateway.upstream_pool import UpstreamPool
+from gateway.upstream.connect import Target
+from gateway.upstream.pool import UpstreamPool
 
 
 class FakeConn:

@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from gateway.upstream import Target
+from gateway.upstream.connect import Target
 
 
 class Connection(Protocol):

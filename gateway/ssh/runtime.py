@@ -7,13 +7,13 @@ from typing import TYPE_CHECKING
 
 import asyncssh
 
-from gateway.audit import AuditWriter
+from gateway.audit.writer import AuditWriter
 from gateway.config import Config
-from gateway.upstream_pool import UpstreamPool
+from gateway.upstream.pool import UpstreamPool
 from keystore.db import Executor
 
 if TYPE_CHECKING:
-    from gateway.ssh_server import GatewayConnection
+    from gateway.ssh.server import GatewayConnection
 
 
 @dataclass(slots=True)
@@ -25,5 +25,5 @@ class Runtime:
     connections: set[GatewayConnection] = field(default_factory=set)
     unauthenticated: int = 0
     draining: bool = False
-    # Warm shared upstream connections (gateway/upstream_pool.py); None only in unit tests.
+    # Warm shared upstream connections (gateway/upstream/pool.py); None only in unit tests.
     upstream_pool: UpstreamPool | None = None

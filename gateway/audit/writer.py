@@ -20,7 +20,7 @@ from keystore.audit_events import AuditEvent
 from keystore.db import Executor
 from keystore.errors import Unavailable
 
-log = structlog.get_logger("gateway.audit")
+log = structlog.get_logger("gateway.audit.writer")
 
 
 class AuditWriter:

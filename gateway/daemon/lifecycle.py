@@ -1,8 +1,8 @@
 """Lifecycle of the daemon: open the database, bind the SSH listener, serve, reload, drain, stop.
 
-``serve()`` is what ``runtools-gateway serve`` runs: one ``Gateway`` in this process when
-``process.workers`` is 1, else a ``gateway.workers.Supervisor`` that starts one ``Gateway`` per
-worker process. Signals (``Gateway.run``):
+``runtools-gateway serve`` (gateway/cli.py) runs one ``Gateway`` in this process when
+``process.workers`` is 1, else a ``Supervisor`` (gateway/daemon/supervisor.py) that starts one
+``Gateway`` per worker process; the two never import each other. Signals (``Gateway.run``):
 
 - SIGHUP: re-read the config file and the host keys; new connections use them, live sessions
   are untouched. Settings that need a restart (listen addresses, database, state dir, workers,
@@ -11,8 +11,8 @@ worker process. Signals (``Gateway.run``):
   gateway is restarting; sessions may finish until ``ssh.drain_timeout_seconds``; then the rest
   are closed (stderr line, exit 255), connections closed, the audit queue flushed; exit 0.
 
-systemd (gateway/systemd.py): READY=1 once the database answered and the SSH listener is bound,
-STATUS= along the way, RELOADING=1 around a reload, STOPPING=1 at drain, WATCHDOG=1 pings.
+systemd (gateway/daemon/systemd.py): READY=1 once the database answered and the SSH listener
+is bound, STATUS= along the way, RELOADING=1 around a reload, STOPPING=1 at drain, WATCHDOG=1 pings.
 """
 
 from __future__ import annotations
@@ -21,39 +21,28 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import time
 from typing import Any
 
 import asyncssh
 import structlog
 
-from gateway import algorithms, health, hostkeys, messages, metrics, systemd, upstream
-from gateway.audit import AuditWriter
+from gateway import messages
+from gateway.audit.writer import AuditWriter
 from gateway.config import Config, parse_listen
+from gateway.daemon import health, metrics, systemd
+from gateway.daemon.sockets import WORKER_INDEX_ENV, inherited_listen_socket
 from gateway.errors import ConfigError
-from gateway.proxy_protocol import Listener, ProxySettings
-from gateway.runtime import Runtime
-from gateway.ssh_server import GatewayConnection
-from gateway.upstream_pool import UpstreamPool
+from gateway.ssh import algorithms, hostkeys
+from gateway.ssh.proxy_protocol import Listener, ProxySettings
+from gateway.ssh.runtime import Runtime
+from gateway.ssh.server import GatewayConnection
+from gateway.upstream import connect as upstream
+from gateway.upstream.pool import UpstreamPool
 from keystore import db as keystore_db
 from keystore.errors import Unavailable
 
-log = structlog.get_logger("gateway.server")
-
-# Set by the supervisor for its workers (gateway/workers.py).
-WORKER_INDEX_ENV = "RTGW_WORKER_INDEX"
-INHERITED_FD_ENV = "RTGW_INHERITED_SSH_FD"
-
-
-async def serve(config: Config, config_path: str | None = None) -> int:
-    """Run the daemon until it is told to stop; the exit status."""
-    if WORKER_INDEX_ENV not in os.environ and config.process.worker_count() > 1:
-        from gateway.workers import Supervisor
-
-        return await Supervisor(config, config_path).run()
-    await Gateway(config, config_path).run()
-    return 0
+log = structlog.get_logger("gateway.daemon.lifecycle")
 
 
 async def open_database(config: Config, wait_seconds: float = 30.0) -> keystore_db.Executor:
@@ -131,20 +120,6 @@ def restart_only_changes(old: Config, new: Config) -> list[str]:
     ]
 
 
-def inherited_listen_socket() -> socket.socket | None:
-    """A listening socket from systemd (LISTEN_FDS) or from our supervisor, if any."""
-    fds = systemd.listen_fds()
-    systemd.forget_listen_env()
-    if fds:
-        if len(fds) > 1:
-            log.warning("extra_listen_fds_ignored", fds=fds[1:])
-        return systemd.socket_from_fd(fds[0])
-    fd = os.environ.pop(INHERITED_FD_ENV, None)
-    if fd is not None:
-        return systemd.socket_from_fd(int(fd))
-    return None
-
-
 class Gateway:
     """Owns the listener and the shared runtime; ``run()`` serves until SIGTERM/SIGINT."""
 
@@ -175,7 +150,7 @@ class Gateway:
         self.ssh_port: int | None = None
         self.http_port: int | None = None
 
-    # --- health probe (gateway.health.Probe) ---
+    # --- health probe (gateway.daemon.health.Probe) ---
 
     def listeners_up(self) -> bool:
         return self._listening

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import structlog
 
-from gateway import systemd
 from gateway.config import Config
-from gateway.server import INHERITED_FD_ENV, WORKER_INDEX_ENV, inherited_listen_socket
+from gateway.daemon import systemd
+from gateway.daemon.sockets import INHERITED_FD_ENV, WORKER_INDEX_ENV, inherited_listen_socket
 
 log = structlog.get_logger("gateway.supervisor")
 

@@ -49,7 +49,7 @@ def _load_or_create(path: Path, alg: str, kwargs: dict[str, int], comment: str) 
 
 
 def load_host_keys(state_dir: str | Path) -> list[asyncssh.SSHKey]:
-    """ed25519, ecdsa and RSA (signing with SHA-2 only, see gateway.algorithms)."""
+    """ed25519, ecdsa and RSA (signing with SHA-2 only, see gateway.ssh.algorithms)."""
     base = ensure_state_dir(state_dir)
     return [
         _load_or_create(base / name, alg, kwargs, "runtools-gateway host key")

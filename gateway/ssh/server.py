@@ -20,12 +20,14 @@ import asyncssh
 import structlog
 from structlog.typing import FilteringBoundLogger
 
-from gateway import asyncssh_patches, messages, metrics, upstream
+from gateway import asyncssh_patches, messages
+from gateway.daemon import metrics
 from gateway.errors import UpstreamError
-from gateway.login import sandbox_id_from_login
-from gateway.relay import ClientSide, SessionSummary
-from gateway.runtime import Runtime
-from gateway.upstream_pool import Lease
+from gateway.relay.session import ClientSide, SessionSummary
+from gateway.ssh.login import sandbox_id_from_login
+from gateway.ssh.runtime import Runtime
+from gateway.upstream import connect as upstream
+from gateway.upstream.pool import Lease
 from keystore import sandboxes, ssh_keys
 from keystore.audit_events import AuditEvent
 from keystore.errors import Unavailable

@@ -19,16 +19,17 @@ from pathlib import Path
 
 import asyncssh
 
-from gateway import hostkeys, logs
 from gateway.config import ApiConfig, Config, DatabaseConfig, LogConfig, SshConfig, StateConfig
-from gateway.sandbox_sshd import SandboxSshd
-from gateway.server import Gateway
+from gateway.daemon import logs
+from gateway.daemon.lifecycle import Gateway
+from gateway.lab.postgres import ThrowawayCluster
+from gateway.lab.sandbox_sshd import SandboxSshd
+from gateway.ssh import hostkeys
 from keystore import db as keystore_db
 from keystore import keys as keyparse
 from keystore import orgs, sandboxes, ssh_keys
 from keystore.errors import InvalidPublicKey
 from keystore.migrate import migrate
-from keystore.throwaway import ThrowawayCluster
 
 DEMO_ORG = "demo"
 DEMO_SANDBOX = "sandbox-demo"

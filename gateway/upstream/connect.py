@@ -12,9 +12,10 @@ from dataclasses import dataclass
 
 import asyncssh
 
-from gateway import algorithms, messages
+from gateway import messages
 from gateway.config import UpstreamConfig
 from gateway.errors import UpstreamError
+from gateway.ssh import algorithms
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,8 +45,8 @@ async def connect(
 ) -> asyncssh.SSHClientConnection:
     """Open an authenticated connection, or raise UpstreamError with a reason code.
 
-    The connection is shared by many users' sessions (gateway/upstream_pool.py), so the error
-    carries no user-facing text: each session renders its own (gateway/ssh_server.py).
+    The connection is shared by many users' sessions (gateway/upstream/pool.py), so the error
+    carries no user-facing text: each session renders its own (gateway/ssh/server.py).
     """
     trusted = pinned_keys(target.host_keys)
     try:

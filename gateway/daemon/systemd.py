@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 import structlog
 
-log = structlog.get_logger("gateway.systemd")
+log = structlog.get_logger("gateway.daemon.systemd")
 
 SD_LISTEN_FDS_START = 3
 

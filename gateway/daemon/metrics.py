@@ -4,8 +4,8 @@ With several worker processes the supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` b
 them, so every worker writes its samples there and ``render()`` (served by worker 0) sums them:
 one scrape shows the whole gateway. Gauges use ``livesum`` so a dead worker's values vanish.
 
-Counters are incremented where things happen (gateway/ssh_server.py, gateway/proxy_protocol.py
-outcomes, gateway/server.py); bytes are counted when a session ends.
+Counters are incremented where things happen (gateway/ssh/server.py, gateway/ssh/proxy_protocol.py
+outcomes, gateway/daemon/lifecycle.py); bytes are counted when a session ends.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ listener of their own when ``metrics.listen`` is set or the API is off.
 - ``/healthz``: 200 while the process runs its event loop.
 - ``/readyz``: 200 only when the database answers ``SELECT 1`` within 2 s, the SSH listener is
   up and the gateway is not draining; 503 otherwise, with the failing checks in the JSON body.
-- ``/metrics``: Prometheus text exposition (see gateway/metrics.py).
+- ``/metrics``: Prometheus text exposition (see gateway/daemon/metrics.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from gateway import metrics
+from gateway.daemon import metrics
 
 
 class Probe(Protocol):
