@@ -41,6 +41,11 @@ class AuditWriter:
         self.dropped = 0
         self.written = 0
 
+    @property
+    def queued(self) -> int:
+        """Events recorded and not yet written."""
+        return len(self._queue)
+
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 

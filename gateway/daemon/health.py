@@ -12,7 +12,7 @@ listener of their own when ``metrics.listen`` is set or the API is off.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Protocol
+from typing import Protocol
 
 from aiohttp import web
 
@@ -75,10 +75,7 @@ class HealthServer:
         await runner.setup()
         site = web.TCPSite(runner, host, port, reuse_address=True)
         await site.start()
-        server: Any = site._server
-        bound = port
-        if server is not None and getattr(server, "sockets", None):
-            bound = int(server.sockets[0].getsockname()[1])
+        bound = int(runner.addresses[0][1]) if runner.addresses else port
         return cls(runner, bound)
 
     async def close(self) -> None:

@@ -264,7 +264,7 @@ class Gateway:
             rt = self.runtime
             if rt is not None:
                 metrics.update_pool(rt.db)
-                metrics.AUDIT_QUEUED.set(len(getattr(rt.audit, "_queue", ())))
+                metrics.AUDIT_QUEUED.set(rt.audit.queued)
                 status = self._status_text()
                 if status != self._last_status and not rt.draining:
                     self._last_status = status
@@ -273,8 +273,8 @@ class Gateway:
 
     def _status_text(self) -> str:
         rt = self.runtime
-        conns = len(rt.connections) if rt else 0
-        sessions = sum(c.session_count for c in rt.connections) if rt else 0
+        conns = len(rt.registry) if rt else 0
+        sessions = rt.registry.session_count if rt else 0
         return f"serving SSH on port {self.ssh_port}: {conns} connections, {sessions} sessions"
 
     # --- run, reload, stop ---
@@ -348,34 +348,34 @@ class Gateway:
         metrics.DRAINING.set(1)
         text = messages.GATEWAY_DRAINING.render(seconds=drain)
         idle = 0
-        for conn in list(rt.connections):
+        for conn in rt.registry:
             if conn.session_count:
                 conn.notify_sessions(text)
             else:
                 idle += 1
                 conn.close()  # unauthenticated or no session: nothing to wait for
-        sessions = sum(c.session_count for c in rt.connections)
+        sessions = rt.registry.session_count
         log.info(
             "draining",
-            connections=len(rt.connections),
+            connections=len(rt.registry),
             sessions=sessions,
             idle_closed=idle,
             deadline_seconds=drain,
         )
         deadline = time.monotonic() + drain
-        while rt.connections and time.monotonic() < deadline:  # noqa: ASYNC110 - polling a set
+        while len(rt.registry) and time.monotonic() < deadline:  # noqa: ASYNC110 - polling
             await asyncio.sleep(0.1)
-        if rt.connections:
-            left = len(rt.connections)
+        if len(rt.registry):
+            left = len(rt.registry)
             final = messages.GATEWAY_DRAINING.render(seconds=0)
-            for conn in list(rt.connections):
+            for conn in rt.registry:
                 conn.close_sessions(final, messages.GATEWAY_DRAINING.code)
             await asyncio.sleep(0.2)  # let the stderr line and exit status go out
-            for conn in list(rt.connections):
+            for conn in rt.registry:
                 conn.close()
             log.warning("drain_deadline_reached", closed_connections=left)
         settle = time.monotonic() + 3.0
-        while rt.connections and time.monotonic() < settle:  # noqa: ASYNC110
+        while len(rt.registry) and time.monotonic() < settle:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         for task in self._tasks:
             task.cancel()

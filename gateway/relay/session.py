@@ -23,6 +23,11 @@ from structlog.typing import FilteringBoundLogger
 from gateway import messages
 from gateway.errors import UpstreamError
 
+# Renders the one stderr line a user sees when the gateway ends a session: (reason code,
+# technical detail) -> text. The relay does not know why a user was let in or how the
+# product words its errors; the SSH door (gateway/ssh/channels.py) hands this in.
+Describe = Callable[[str, str | None], str]
+
 # OpenSSH's sshd accepts at most this many environment variables per session.
 MAX_ENV_VARS = 128
 MAX_ENV_BYTES = 32 * 1024
@@ -100,14 +105,12 @@ class ClientSide(asyncssh.SSHServerSession[bytes]):
         self,
         *,
         upstream: Callable[[], Awaitable[asyncssh.SSHClientConnection]],
-        sandbox_id: str,
-        conn_id: str,
+        describe: Describe,
         log: FilteringBoundLogger,
         on_end: Callable[[SessionSummary], None],
     ) -> None:
         self._upstream = upstream
-        self._sandbox_id = sandbox_id
-        self._conn_id = conn_id
+        self._describe = describe
         self._log = log
         self._on_end = on_end
         self._chan: asyncssh.SSHServerChannel[bytes] | None = None
@@ -259,12 +262,7 @@ class ClientSide(asyncssh.SSHServerSession[bytes]):
         if self._exit_known() or exc is None:
             self._report_exit()
         else:
-            self._fail(
-                messages.UPSTREAM_REFUSED.render(
-                    sandbox=self._sandbox_id, detail="connection lost", conn_id=self._conn_id
-                ),
-                messages.UPSTREAM_REFUSED.code,
-            )
+            self._fail_code(messages.UPSTREAM_REFUSED.code, "connection lost")
 
     def pause_client_reading(self) -> None:
         self._upstream_full = True
@@ -303,24 +301,14 @@ class ClientSide(asyncssh.SSHServerSession[bytes]):
                 lambda: SandboxSide(self), self._command, **kwargs
             )
         except UpstreamError as exc:
-            self._fail(exc.detail, exc.reason_code)
+            self._fail_code(exc.reason_code, exc.detail)
             return
         except asyncssh.ChannelOpenError as exc:
-            self._fail(
-                messages.UPSTREAM_REFUSED.render(
-                    sandbox=self._sandbox_id, detail=exc.reason, conn_id=self._conn_id
-                ),
-                messages.UPSTREAM_REFUSED.code,
-            )
+            self._fail_code(messages.UPSTREAM_REFUSED.code, exc.reason)
             return
         except (OSError, asyncssh.Error) as exc:
             self._log.warning("upstream_session_failed", error=str(exc))
-            self._fail(
-                messages.UPSTREAM_REFUSED.render(
-                    sandbox=self._sandbox_id, detail=type(exc).__name__, conn_id=self._conn_id
-                ),
-                messages.UPSTREAM_REFUSED.code,
-            )
+            self._fail_code(messages.UPSTREAM_REFUSED.code, type(exc).__name__)
             return
         if self._closed:
             up_chan.close()
@@ -333,6 +321,9 @@ class ClientSide(asyncssh.SSHServerSession[bytes]):
             up_chan.write_eof()
         if not self._upstream_full:  # flushing _pending may already have filled the upstream
             chan.resume_reading()
+
+    def _fail_code(self, reason: str, detail: str | None) -> None:
+        self._fail(self._describe(reason, detail), reason)
 
     def _fail(self, text: str, reason: str) -> None:
         """One line on stderr, nothing on stdout, exit 255."""

@@ -8,7 +8,6 @@ whose public line ``runtools-gateway upstream-key`` prints for sandbox images to
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 
 import asyncssh
 
@@ -16,15 +15,7 @@ from gateway import messages
 from gateway.config import UpstreamConfig
 from gateway.errors import UpstreamError
 from gateway.ssh import algorithms
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    sandbox_id: str
-    host: str
-    port: int
-    user: str
-    host_keys: tuple[str, ...]
+from gateway.upstream.target import Target
 
 
 def pinned_keys(lines: tuple[str, ...]) -> list[asyncssh.SSHKey]:
@@ -46,7 +37,8 @@ async def connect(
     """Open an authenticated connection, or raise UpstreamError with a reason code.
 
     The connection is shared by many users' sessions (gateway/upstream/pool.py), so the error
-    carries no user-facing text: each session renders its own (gateway/ssh/server.py).
+    carries a reason code and technical detail only: the user's text is rendered from
+    gateway/messages.py at the edge, by the session that failed (gateway/ssh/channels.py).
     """
     trusted = pinned_keys(target.host_keys)
     try:

@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from gateway.upstream.connect import Target
+from gateway.upstream.target import Target
 
 
 class Connection(Protocol):
@@ -252,3 +252,43 @@ class UpstreamPool:
 
         with contextlib.suppress(RuntimeError):
             asyncio.get_running_loop().create_task(notify())
+
+
+class LeaseBook:
+    """The leases one client connection holds, by holder (a session or a forwarding channel).
+
+    ``release(holder)`` when that channel ends; ``release_all()`` when the client connection
+    goes, whatever order the channel callbacks come in. A lease stored after ``release_all()``
+    (a channel whose upstream arrived after the client left) is released at once.
+    """
+
+    def __init__(self) -> None:
+        self._leases: dict[object, Lease] = {}
+        self._closed = False
+
+    def hold(self, holder: object, lease: Lease) -> None:
+        if self._closed:
+            lease.release()
+            return
+        previous = self._leases.pop(holder, None)
+        if previous is not None:
+            previous.release()
+        self._leases[holder] = lease
+
+    def release(self, holder: object) -> None:
+        lease = self._leases.pop(holder, None)
+        if lease is not None:
+            lease.release()
+
+    def release_all(self) -> None:
+        self._closed = True
+        leases, self._leases = list(self._leases.values()), {}
+        for lease in leases:
+            lease.release()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __len__(self) -> int:
+        return len(self._leases)

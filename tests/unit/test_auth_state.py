@@ -16,9 +16,10 @@ import pytest
 
 from gateway.audit.writer import AuditWriter
 from gateway.config import Config
+from gateway.ssh.access import StaticAccess
+from gateway.ssh.auth import canonical_line
 from gateway.ssh.runtime import Runtime
-from gateway.ssh.server import GatewayConnection, canonical_line
-from keystore import sandboxes
+from gateway.ssh.server import GatewayConnection
 from keystore.keys import fingerprint_of_blob
 from keystore.models import AuthorizedKey, Sandbox, SandboxAccess
 
@@ -45,20 +46,21 @@ def _access(sandbox_id: str, keys: list[asyncssh.SSHKey]) -> SandboxAccess:
 
 
 @pytest.fixture
-def conn(monkeypatch: pytest.MonkeyPatch) -> tuple[GatewayConnection, asyncssh.SSHKey]:
+def conn() -> tuple[GatewayConnection, asyncssh.SSHKey]:
     mine = asyncssh.generate_private_key("ssh-ed25519")
     theirs = asyncssh.generate_private_key("ssh-ed25519")
-    table = {
-        "sandbox-mine": _access("sandbox-mine", [mine]),
-        "sandbox-theirs": _access("sandbox-theirs", [theirs]),
-    }
-
-    async def access_for(db: Any, sandbox_id: str) -> SandboxAccess | None:
-        return table.get(sandbox_id)
-
-    monkeypatch.setattr(sandboxes, "access_for", access_for)
+    access = StaticAccess(
+        {
+            "sandbox-mine": _access("sandbox-mine", [mine]),
+            "sandbox-theirs": _access("sandbox-theirs", [theirs]),
+        }
+    )
     runtime = Runtime(
-        config=Config.load(env={}), db=None, upstream_key=mine, audit=AuditWriter(db=None)
+        config=Config.load(env={}),
+        db=None,
+        upstream_key=mine,
+        audit=AuditWriter(db=None),
+        access=access,
     )
     return GatewayConnection(runtime), mine
 

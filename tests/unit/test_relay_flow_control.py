@@ -67,8 +67,7 @@ def make(conn: FakeConn) -> tuple[ClientSide, FakeClientChan]:
 
     side = ClientSide(
         upstream=upstream,
-        sandbox_id="sandbox-x",
-        conn_id="c1",
+        describe=lambda code, detail: f"{code}: {detail}",
         log=structlog.get_logger(),
         on_end=lambda summary: None,
     )

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from gateway.upstream.connect import Target
 from gateway.upstream.pool import UpstreamPool
+from gateway.upstream.target import Target
 
 
 class FakeConn:
@@ -140,3 +140,36 @@ async def test_connect_errors_propagate_and_leave_nothing_behind() -> None:
         await pool.acquire(target())
     assert pool.stats() == {"targets": 0, "connections": 0, "leases": 0, "opening": 0}
     await pool.close()
+
+
+class _CountingLease:
+    def __init__(self) -> None:
+        self.released = 0
+
+    def release(self) -> None:
+        self.released += 1
+
+
+def test_lease_book_releases_each_lease_once_whatever_the_order() -> None:
+    from gateway.upstream.pool import LeaseBook
+
+    book = LeaseBook()
+    a, b = _CountingLease(), _CountingLease()
+    book.hold("session-a", a)  # type: ignore[arg-type]
+    book.hold("session-b", b)  # type: ignore[arg-type]
+    book.release("session-a")
+    book.release("session-a")
+    book.release_all()
+    book.release("session-b")
+    assert (a.released, b.released) == (1, 1)
+
+
+def test_lease_stored_after_the_client_left_is_released_at_once() -> None:
+    """A channel whose upstream arrived after connection_lost must not keep a pool slot."""
+    from gateway.upstream.pool import LeaseBook
+
+    book = LeaseBook()
+    book.release_all()  # the client connection is gone ...
+    late = _CountingLease()
+    book.hold("forward", late)  # type: ignore[arg-type]  # ... then its lease arrives
+    assert late.released == 1 and len(book) == 0

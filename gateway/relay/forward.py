@@ -1,0 +1,42 @@
+"""Forwarding channels tunnelled through the sandbox (``ssh -L``, ``-D``, ``-W``).
+
+The TCP connection is opened *from inside the sandbox* over the upstream SSH connection, and
+bytes flow between the two channels with asyncssh's own ``SSHForwarder`` pair. ``TunnelEnd``
+is the client-facing end: an ``SSHForwarder`` that also reports, once, when its channel is
+gone, so the caller can release the upstream lease and count the channel (this is what
+``SSHServerConnection.forward_tunneled_connection`` does, plus that one callback).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, cast
+
+import asyncssh
+from asyncssh.forward import SSHForwarder
+
+
+class TunnelEnd(SSHForwarder):
+    def __init__(self, peer: SSHForwarder, on_close: Callable[[], None]) -> None:
+        super().__init__(peer)
+        self._on_close: Callable[[], None] | None = on_close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            super().connection_lost(exc)
+        finally:
+            on_close, self._on_close = self._on_close, None
+            if on_close is not None:
+                on_close()
+
+
+async def open_tunnel(
+    upstream: asyncssh.SSHClientConnection,
+    dest_host: str,
+    dest_port: int,
+    on_close: Callable[[], None],
+) -> TunnelEnd:
+    """Open ``dest_host:dest_port`` from inside the sandbox; the end to hand to the client."""
+    factory = cast(Any, SSHForwarder)
+    _, peer = await upstream.create_connection(factory, dest_host, dest_port)
+    return TunnelEnd(cast(SSHForwarder, peer), on_close)
