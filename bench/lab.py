@@ -6,7 +6,10 @@
   both the gateway's upstream key and the benchmark user's key, logged into as its dedicated
   non-root ``/bin/sh`` user (so bash start-up is not measured). The same sshd is the jump host
   of the bastion path (``ssh -J``);
-* the gateway as a real subprocess (``python -m gateway serve``, like the integration tests).
+* the gateway as a real subprocess (``gateway.lab.process.GatewayProcess``: ``python -m gateway
+  serve``, as in the integration tests).
+
+The org, sandbox and key are seeded by ``gateway.lab.seed``, like the demo's and the tests'.
 
 Every ``ssh`` reads one generated ``ssh_config`` (``-F``), which pins cipher and key exchange for
 every hop, the ``-J`` jump included.
@@ -19,25 +22,17 @@ import contextlib
 import os
 import resource
 import shutil
-import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from gateway.ssh import hostkeys  # noqa: E402
-from gateway.lab.postgres import ThrowawayCluster  # noqa: E402
-from gateway.lab.sandbox_sshd import SandboxSshd  # noqa: E402
-from keystore import db as keystore_db  # noqa: E402
-from keystore import keys as keyparse  # noqa: E402
-from keystore import orgs, sandboxes, ssh_keys  # noqa: E402
-from keystore.migrate import migrate  # noqa: E402
-from tests.support import GatewayProcess  # noqa: E402
+from gateway.lab.postgres import ThrowawayCluster
+from gateway.lab.process import GatewayProcess
+from gateway.lab.sandbox_sshd import SandboxSshd
+from gateway.lab.seed import Upstream, create_tenant, migrate_database
+from gateway.lab.user_keys import UserKey, make_key
+from gateway.ssh import hostkeys
 
 CIPHER = "aes128-gcm@openssh.com"
 KEX = "curve25519-sha256"
@@ -68,32 +63,17 @@ class Lab:
         raise_nofile()
         state = self.workdir / "state"
         upstream_line = hostkeys.public_line(hostkeys.load_upstream_key(state))
-        self.key_path = self.workdir / "id_bench"
-        subprocess.run(
-            [
-                "ssh-keygen",
-                "-q",
-                "-t",
-                "ed25519",
-                "-N",
-                "",
-                "-C",
-                "bench",
-                "-f",
-                str(self.key_path),
-            ],
-            check=True,
-        )
-        user_line = self.key_path.with_suffix(".pub").read_text().strip()
+        user_key = make_key(self.workdir, "id_bench", comment="bench")
+        self.key_path = user_key.path
         self.cluster = ThrowawayCluster()
         self.cluster.start()
         self.sshd = SandboxSshd(
-            authorized_keys=[upstream_line, user_line],
+            authorized_keys=[upstream_line, user_key.public_line],
             max_sessions=64,
             extra_config=["MaxStartups 1000:30:2000"],
         )
         self.sshd.start()
-        asyncio.run(self._seed(self.cluster.dsn, user_line))
+        asyncio.run(self._seed(self.cluster.dsn, Upstream.of(self.sshd), user_key))
         self.gateway = GatewayProcess(
             database_url=self.cluster.dsn,
             state_dir=state,
@@ -106,26 +86,18 @@ class Lab:
         self._write_ssh_config()
         return self
 
-    async def _seed(self, dsn: str, user_line: str) -> None:
-        assert self.sshd is not None
-        parsed = keyparse.parse_public_key(user_line)
-        async with keystore_db.connect(dsn) as conn:
-            await migrate(conn)
-            org = await orgs.create_org(conn, "bench", "Benchmark org")
-            project = await orgs.get_project(conn, org.id, None)
-            await sandboxes.add_sandbox(
-                conn,
-                sandbox_id=SANDBOX,
-                org_id=org.id,
-                project_id=project.id,
-                upstream_host=self.sshd.host,
-                upstream_port=self.sshd.port,
-                login_user=self.sshd.login_user,
-                host_keys=[self.sshd.host_key_line],
-            )
-            await ssh_keys.add_key(
-                conn, org_id=org.id, project_id=project.id, key=parsed, name="bench"
-            )
+    @staticmethod
+    async def _seed(dsn: str, upstream: Upstream, user_key: UserKey) -> None:
+        await migrate_database(dsn)
+        await create_tenant(
+            dsn,
+            upstream,
+            slug="bench",
+            org_name="Benchmark org",
+            sandbox_id=SANDBOX,
+            key=user_key,
+            key_name="bench",
+        )
 
     def _write_ssh_config(self) -> None:
         assert self.sshd is not None and self.gateway is not None and self.key_path
@@ -178,13 +150,12 @@ class Lab:
     def restart_gateway(self) -> None:
         """A fresh gateway process (same port, keys, state): memory figures start clean."""
         assert self.gateway is not None
-        self.gateway.stop()
-        self.gateway.start()
+        self.gateway.restart()
 
     @property
     def gateway_pid(self) -> int:
-        assert self.gateway is not None and self.gateway.proc is not None
-        return self.gateway.proc.pid
+        assert self.gateway is not None
+        return self.gateway.pid
 
     def gateway_client_options(self) -> dict[str, Any]:
         """asyncssh client options for connecting to the gateway as the benchmark user."""

@@ -1,8 +1,10 @@
 """runtools-gateway vs plain OpenSSH, side by side, on this machine.
 
-    python bench/run.py            # full: 1 GiB transfers, 30 connects, 20 s of logins, 1,000 idle
-    python bench/run.py --quick    # 256 MiB transfers, fewer runs: a few minutes
-    python bench/run.py --smoke    # tiny sizes, a handful of iterations: < 60 s (CI smoke test)
+    python -m bench.run            # full: 1 GiB transfers, 30 connects, 20 s of logins, 1,000 idle
+    python -m bench.run --quick    # 256 MiB transfers, fewer runs: a few minutes
+    python -m bench.run --smoke    # tiny sizes, a handful of iterations: < 60 s (CI smoke test)
+
+from the repository root (``bash scripts/bench [--quick|--smoke]`` bootstraps first and does it).
 
 Brings up a throwaway PostgreSQL, a sandbox sshd and the gateway (see ``bench/lab.py``), then
 measures three paths with the same client, cipher and key exchange:
@@ -35,9 +37,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import asyncssh
 

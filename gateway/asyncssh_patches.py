@@ -1,56 +1,216 @@
 """The small, documented layer where the gateway corrects asyncssh 2.24.
 
-1. SHA-1 RSA user signatures. asyncssh verifies a user's RSA signature with any of
-   ``RSAKey.all_sig_algorithms``, ``ssh-rsa`` (SHA-1) included, whatever ``signature_algs``
-   says (that option only covers host keys and the advertised server-sig-algs). We refuse a
-   signature whose algorithm name is ``ssh-rsa`` before asyncssh verifies it, as OpenSSH 8.8+
-   does. Upstream-worthy: make user-signature verification honour ``signature_algs``.
+Applying it
+-----------
+Nothing here changes asyncssh when this module is imported. ``apply()`` installs every patch,
+once per process, and is called explicitly where a process that speaks SSH starts: the
+``serve`` and ``demo`` commands in ``gateway/cli.py`` (worker processes run ``serve`` too).
+Tests that drive patched connections in-process call it from a fixture. ``apply()`` is
+idempotent. All but the SHA-1 patch change ``SSHConnection`` or ``SSHChannel`` themselves, so
+both legs (client-facing and upstream) get them.
 
-2. One transport write per event-loop turn. asyncssh calls ``transport.write()`` once per SSH
-   packet (twice, with the empty MSG_IGNORE it puts before each one), i.e. one ``send()``
-   syscall per 32 KiB of relayed data. ``SSHConnection._send`` now appends to a per-connection
-   list that a ``loop.call_soon`` callback joins and writes once; ``_force_close`` (every
-   close, abort and disconnect path ends there) flushes first, so a DISCONNECT is never lost.
-   Order is kept: everything goes through ``_send``. Upstream-worthy.
+Before patching, ``apply()`` compares ``asyncssh.__version__`` with ``VERIFIED_ON``, the release
+these patches were read against and tested on (``check_version`` is the pure rule): another
+major.minor raises ``IncompatibleLibrary`` and nothing is patched, since the private methods
+wrapped here may have changed; another patch level is applied with a warning in the log.
 
-3. Receive buffer read offset. asyncssh consumes its receive buffer with
-   ``self._inpbuf = self._inpbuf[n:]`` for each packet header and body, copying the whole rest
-   of a (up to 256 KiB) read per 32 KiB packet. ``_recv_pkthdr``/``_recv_packet`` now see a
-   buffer holding exactly the bytes they consume, cut at a read offset; ``data_received`` drops
-   the consumed prefix once per read. Upstream-worthy (keep an offset, or a bytearray).
+Every patch is a ``Patch`` in ``PATCHES``: a name, the upstream behaviour it corrects, the class
+it changes and asyncssh's own functions, captured when this module is imported. The canary tests
+(tests/unit/test_asyncssh_patches.py) drive unpatched asyncssh over loopback in a fresh process
+where ``apply()`` never ran (or, for the read offset, read the original functions' source) and
+fail once upstream no longer behaves the way a patch assumes: the patch has become unnecessary
+(upstream fixed it) or wrong (upstream changed the code it wraps).
 
-4. No empty MSG_IGNORE before every packet unless the cipher is CBC. asyncssh sends an empty
-   SSH_MSG_IGNORE ahead of every post-kex packet (the CBC-era countermeasure against
-   predictable IVs), doubling the packets encrypted and sent. With the ciphers the gateway
-   allows (AES-GCM, chacha20-poly1305, AES-CTR + EtM MACs) it protects nothing; RFC 4253 makes
-   sending them optional. The IGNORE is still sent when either direction negotiated a CBC
-   cipher. Upstream-worthy: do it only for CBC.
+The patches
+-----------
+``refuse-sha1-user-signatures``: asyncssh verifies a user's RSA signature with any of
+``RSAKey.all_sig_algorithms``, ``ssh-rsa`` (SHA-1) included, whatever ``signature_algs`` says
+(that option only covers host keys and the advertised server-sig-algs). We refuse a signature
+whose algorithm name is ``ssh-rsa`` before asyncssh verifies it, as OpenSSH 8.8+ does.
+Upstream-worthy: make user-signature verification honour ``signature_algs``.
 
-5. Window credit only for data actually delivered. When a paused channel resumes, asyncssh
-   delivers its first buffered packet and grants the peer a *full* new window, although most
-   of the old window is still sitting undelivered in the channel's receive buffer; every
-   pause/resume cycle can add another window (7-16 MB seen per channel against a 2 MiB
-   window, several hundred MB for 20 uploads into slow readers). ``_deliver_data`` now counts
-   bytes still buffered as not yet consumed, so a channel never holds more than one window of
-   received data. Upstream-worthy.
+``coalesce-transport-writes``: asyncssh calls ``transport.write()`` once per SSH packet (twice,
+with the empty MSG_IGNORE it puts before each one), i.e. one ``send()`` syscall per 32 KiB of
+relayed data. ``SSHConnection._send`` now appends to a per-connection list that a
+``loop.call_soon`` callback joins and writes once; ``_force_close`` (every close, abort and
+disconnect path ends there) flushes first, so a DISCONNECT is never lost. Order is kept:
+everything goes through ``_send``. Upstream-worthy.
 
-``apply()`` is idempotent and is called by ``gateway.ssh.server`` at import. 2-4 patch
-``SSHConnection`` itself, so both legs (client-facing and upstream) get them.
+``receive-buffer-read-offset``: asyncssh consumes its receive buffer with
+``self._inpbuf = self._inpbuf[n:]`` for each packet header and body, copying the whole rest of a
+(up to 256 KiB) read per 32 KiB packet. ``_recv_pkthdr``/``_recv_packet`` now see a buffer
+holding exactly the bytes they consume, cut at a read offset; ``data_received`` drops the
+consumed prefix once per read. Upstream-worthy (keep an offset, or a bytearray).
+
+``ignore-padding-only-for-cbc``: asyncssh sends an empty SSH_MSG_IGNORE ahead of every post-kex
+packet (the CBC-era countermeasure against predictable IVs), doubling the packets encrypted and
+sent. With the ciphers the gateway allows (AES-GCM, chacha20-poly1305, AES-CTR + EtM MACs) it
+protects nothing; RFC 4253 makes sending them optional. The IGNORE is still sent when either
+direction negotiated a CBC cipher. Upstream-worthy: do it only for CBC.
+
+``window-credit-for-delivered-data``: when a paused channel resumes, asyncssh delivers its first
+buffered packet and grants the peer a *full* new window, although most of the old window is
+still sitting undelivered in the channel's receive buffer; every pause/resume cycle can add
+another window (7-16 MB seen per channel against a 2 MiB window, several hundred MB for 20
+uploads into slow readers). ``_deliver_data`` now counts bytes still buffered as not yet
+consumed, so a channel never holds more than one window of received data. Upstream-worthy.
+
+Why a layer and not a fork
+--------------------------
+Decision: keep this layer of named patches on the PyPI release, pinned ``asyncssh>=2.24.1,<2.25``
+in pyproject.toml; do not fork. Reasons:
+
+- Installation. CI and production install from package registries only; a git URL is not
+  reachable. A fork would have to be published to PyPI under another name (and kept there) or
+  vendored into this repository, i.e. a second project to release, and a copy of asyncssh's
+  EPL-2.0 code to carry. The layer costs one module.
+- Security fixes. asyncssh's recent fixes (Terrapin strict kex, the message-injection CVEs, SCP
+  path traversal, the 2.24.1 zero-packet-size loop) arrived as patch releases. With the pin they
+  reach us through an ordinary upgrade; a fork gets them only when someone merges them.
+- Knowing when to act. ``VERIFIED_ON`` stops the gateway from running the patches on an
+  unverified minor release, and the canaries say, patch by patch, whether upstream still
+  behaves as assumed. A fork diverges silently; rebasing it tells you nothing per change.
+- Upstreaming. Each patch is small, named and upstream-worthy (ronf/asyncssh); once upstream
+  takes a fix, its canary fails on that release and the patch is deleted. The aim is for this
+  module to shrink, not grow.
+
+Coming work fits the layer. Back-pressure: ``SSHConnection.pause_writing``/``resume_writing``
+are no-ops ("Do nothing with this for now"), so a relay keeps writing into a client that
+stopped reading; they are the asyncio transport's documented callbacks, so overriding them
+(passing pause/resume on to the connection's channels, whose sessions the relay already wires
+to the other leg) is one more patch of the same kind, with a canary that the originals still
+do nothing. Agent forwarding on per-user upstream connections is public API: the listener's
+``agent_forwarding=True`` and ``SSHServerConnection.get_agent_path()``, handed to the upstream
+``asyncssh.connect(agent_path=..., agent_forwarding=True)``; the hard part, per-user rather than
+shared upstream connections, is ours, not asyncssh's.
+
+Revisit the decision if a patch has to *replace* an upstream method's body instead of wrapping
+it, or if a minor release breaks several patches at once: then a fork published to PyPI (still
+pinned, still with these canaries run against upstream) becomes the cheaper way to carry it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
+import asyncssh
 import asyncssh.channel
 import asyncssh.connection
+import structlog
 from asyncssh.constants import MSG_IGNORE
 from asyncssh.packet import SSHPacket, String
 
+from gateway.errors import IncompatibleLibrary
 from gateway.ssh.algorithms import SHA1_SIGNATURES
 
+# The asyncssh release these patches were read against and tested on. Raise it only after the
+# canaries and the patched-behaviour tests pass on the new release (and re-read each patch).
+VERIFIED_ON = "2.24.1"
+
+_log = structlog.get_logger("gateway.asyncssh_patches")
 _APPLIED = False
+
+
+@dataclass(frozen=True)
+class Patch:
+    """One named change to asyncssh and the upstream behaviour it corrects."""
+
+    name: str
+    upstream: str  # what asyncssh VERIFIED_ON does, that the patch corrects
+    target: type
+    originals: Mapping[str, Any]  # attribute name -> asyncssh's own function (None: missing)
+    install: Callable[[Patch], None]
+
+    def original(self, attr: str) -> Any:
+        """asyncssh's own function for ``attr``, whether or not ``apply()`` ran."""
+        return self.originals[attr]
+
+    def installed(self) -> bool:
+        """True when ``target`` no longer holds asyncssh's own functions."""
+        return any(getattr(self.target, attr, None) is not f for attr, f in self.originals.items())
+
+
+class _Version:
+    """major, minor and the rest of a version string such as ``2.24.1`` or ``2.25.0rc1``."""
+
+    _PATTERN = re.compile(r"(\d+)\.(\d+)(?:\.(.+))?")
+
+    def __init__(self, text: str) -> None:
+        match = self._PATTERN.fullmatch(text.strip())
+        self.parsed = match is not None
+        self.series = (int(match[1]), int(match[2])) if match else (0, 0)
+        self.rest = (match[3] or "0") if match else ""
+
+
+def check_version(found: str, verified: str = VERIFIED_ON) -> str | None:
+    """The rule ``apply()`` enforces, for asyncssh version ``found``.
+
+    Same version: None. Same major.minor, another patch level: a warning to log (the patches
+    are applied). Another major.minor, or a version we cannot read: ``IncompatibleLibrary``.
+    """
+    have, want = _Version(found), _Version(verified)
+    if not have.parsed or have.series != want.series:
+        raise IncompatibleLibrary(
+            "asyncssh",
+            found,
+            verified,
+            f"gateway/asyncssh_patches.py changes asyncssh internals, so it refuses another "
+            f"major.minor release. Install "
+            f'"asyncssh>={verified},<{want.series[0]}.{want.series[1] + 1}" (the pin in '
+            f"pyproject.toml), or port the patches: run tests/unit/test_asyncssh_patches.py "
+            f"against asyncssh {found}, fix or drop what its canaries report, then raise "
+            f"VERIFIED_ON",
+        )
+    if have.rest != want.rest:
+        return (
+            f"asyncssh {found} is installed; the gateway's asyncssh patches were verified on "
+            f"{verified}. Same {want.series[0]}.{want.series[1]} series, so they are applied; "
+            f"run tests/unit/test_asyncssh_patches.py against {found} and raise VERIFIED_ON"
+        )
+    return None
+
+
+def applied() -> bool:
+    """Whether ``apply()`` has patched asyncssh in this process."""
+    return _APPLIED
+
+
+def apply() -> None:
+    """Check asyncssh's version, then install every patch in ``PATCHES``; once per process.
+
+    Raises ``IncompatibleLibrary`` (and patches nothing) for an unverified major.minor release
+    or when a function a patch wraps is missing.
+    """
+    global _APPLIED
+    if _APPLIED:
+        return
+    found = asyncssh.__version__
+    warning = check_version(found)
+    missing = [
+        f"{p.target.__name__}.{attr} (patch {p.name})"
+        for p in PATCHES
+        for attr, original in p.originals.items()
+        if original is None
+    ]
+    if missing:
+        raise IncompatibleLibrary(
+            "asyncssh",
+            found,
+            VERIFIED_ON,
+            f"it lacks {', '.join(missing)}, which gateway/asyncssh_patches.py wraps; "
+            f"reinstall asyncssh {VERIFIED_ON} or port the patches",
+        )
+    if warning:
+        _log.warning(
+            "asyncssh_version_not_verified", found=found, verified=VERIFIED_ON, detail=warning
+        )
+    for patch in PATCHES:
+        patch.install(patch)
+    _APPLIED = True
 
 
 def signature_algorithm(signature: bytes) -> bytes | None:
@@ -61,7 +221,28 @@ def signature_algorithm(signature: bytes) -> bytes | None:
         return None
 
 
-_EMPTY_IGNORE = String(b"")
+def _originals(cls: type, *attrs: str) -> dict[str, Any]:
+    return {attr: getattr(cls, attr, None) for attr in attrs}
+
+
+# --- refuse-sha1-user-signatures ------------------------------------------------------------
+
+
+def _install_refuse_sha1(patch: Patch) -> None:
+    original = patch.original("validate_public_key")
+
+    async def validate_public_key(
+        self: Any, username: str, key_data: bytes, msg: bytes, signature: bytes
+    ) -> bool:
+        if msg and signature_algorithm(signature) in SHA1_SIGNATURES:
+            return False
+        return bool(await original(self, username, key_data, msg, signature))
+
+    cls: Any = patch.target
+    cls.validate_public_key = validate_public_key
+
+
+# --- coalesce-transport-writes --------------------------------------------------------------
 
 
 def _flush(conn: Any) -> None:
@@ -77,9 +258,10 @@ def _flush(conn: Any) -> None:
         pass
 
 
-def _patch_coalesced_writes(cls: Any) -> None:
+def _install_coalesced_writes(patch: Patch) -> None:
+    cls: Any = patch.target
+    original_force_close = patch.original("_force_close")
     cls._rtgw_pending = None  # class default: no instance needs __init__ changes
-    original_force_close = cls._force_close
 
     def _send(self: Any, data: bytes) -> None:
         if not self._transport:
@@ -101,11 +283,15 @@ def _patch_coalesced_writes(cls: Any) -> None:
     cls.rtgw_flush = _flush
 
 
-def _patch_read_offset(cls: Any) -> None:
+# --- receive-buffer-read-offset -------------------------------------------------------------
+
+
+def _install_read_offset(patch: Patch) -> None:
+    cls: Any = patch.target
+    original_pkthdr = patch.original("_recv_pkthdr")
+    original_packet = patch.original("_recv_packet")
+    original_data_received = patch.original("data_received")
     cls._rtgw_pos = 0
-    original_pkthdr = cls._recv_pkthdr
-    original_packet = cls._recv_packet
-    original_data_received = cls.data_received
 
     def _consume(self: Any, handler: Any, size: int) -> bool:
         # Hand the original handler a buffer of exactly the bytes it consumes; it then sets
@@ -149,12 +335,17 @@ def _patch_read_offset(cls: Any) -> None:
     cls.data_received = data_received
 
 
+# --- ignore-padding-only-for-cbc ------------------------------------------------------------
+
+_EMPTY_IGNORE = String(b"")
+
+
 def _uses_cbc(conn: Any) -> bool:
     return b"-cbc" in conn._enc_alg_cs or b"-cbc" in conn._enc_alg_sc
 
 
-def _patch_no_ignore_padding(cls: Any) -> None:
-    original_send_packet = cls.send_packet
+def _install_no_ignore_padding(patch: Patch) -> None:
+    original_send_packet = patch.original("send_packet")
 
     def send_packet(self: Any, pkttype: int, *args: bytes, handler: Any = None) -> None:
         if (
@@ -166,11 +357,15 @@ def _patch_no_ignore_padding(cls: Any) -> None:
             return
         original_send_packet(self, pkttype, *args, handler=handler)
 
+    cls: Any = patch.target
     cls.send_packet = send_packet
 
 
-def _patch_window_credit(cls: Any) -> None:
-    original_deliver = cls._deliver_data
+# --- window-credit-for-delivered-data -------------------------------------------------------
+
+
+def _install_window_credit(patch: Patch) -> None:
+    original_deliver = patch.original("_deliver_data")
 
     def _deliver_data(self: Any, data: bytes, datatype: Any) -> None:
         recv_buf = self._recv_buf
@@ -186,27 +381,69 @@ def _patch_window_credit(cls: Any) -> None:
         finally:
             self._recv_window -= buffered
 
+    cls: Any = patch.target
     cls._deliver_data = _deliver_data
 
 
-def apply() -> None:
-    global _APPLIED
-    if _APPLIED:
-        return
-    _APPLIED = True
-    base: Any = asyncssh.connection.SSHConnection
-    _patch_coalesced_writes(base)
-    _patch_read_offset(base)
-    _patch_no_ignore_padding(base)
-    _patch_window_credit(asyncssh.channel.SSHChannel)
-    cls: Any = asyncssh.connection.SSHServerConnection
-    original = cls.validate_public_key
+_CONN = asyncssh.connection.SSHConnection
 
-    async def validate_public_key(
-        self: Any, username: str, key_data: bytes, msg: bytes, signature: bytes
-    ) -> bool:
-        if msg and signature_algorithm(signature) in SHA1_SIGNATURES:
-            return False
-        return bool(await original(self, username, key_data, msg, signature))
+PATCHES: tuple[Patch, ...] = (
+    Patch(
+        name="refuse-sha1-user-signatures",
+        upstream=(
+            "SSHServerConnection.validate_public_key accepts an ssh-rsa (SHA-1) user "
+            "signature even when signature_algs leaves ssh-rsa out"
+        ),
+        target=asyncssh.connection.SSHServerConnection,
+        originals=_originals(asyncssh.connection.SSHServerConnection, "validate_public_key"),
+        install=_install_refuse_sha1,
+    ),
+    Patch(
+        name="coalesce-transport-writes",
+        upstream=(
+            "SSHConnection._send calls transport.write() once per SSH packet, so a burst of "
+            "packets in one event-loop turn costs one write (syscall) each"
+        ),
+        target=_CONN,
+        originals=_originals(_CONN, "_send", "_force_close"),
+        install=_install_coalesced_writes,
+    ),
+    Patch(
+        name="receive-buffer-read-offset",
+        upstream=(
+            "SSHConnection._recv_pkthdr and _recv_packet consume the receive buffer with "
+            "self._inpbuf = self._inpbuf[n:], copying the rest of the read per packet"
+        ),
+        target=_CONN,
+        originals=_originals(_CONN, "_recv_pkthdr", "_recv_packet", "data_received"),
+        install=_install_read_offset,
+    ),
+    Patch(
+        name="ignore-padding-only-for-cbc",
+        upstream=(
+            "SSHConnection.send_packet puts an empty SSH_MSG_IGNORE before every encrypted "
+            "post-kex packet, whatever the cipher"
+        ),
+        target=_CONN,
+        originals=_originals(_CONN, "send_packet"),
+        install=_install_no_ignore_padding,
+    ),
+    Patch(
+        name="window-credit-for-delivered-data",
+        upstream=(
+            "SSHChannel._deliver_data grants the peer a full new window on resume although "
+            "most of the old one is still undelivered in the channel's receive buffer"
+        ),
+        target=asyncssh.channel.SSHChannel,
+        originals=_originals(asyncssh.channel.SSHChannel, "_deliver_data"),
+        install=_install_window_credit,
+    ),
+)
 
-    cls.validate_public_key = validate_public_key
+
+def patch_named(name: str) -> Patch:
+    """The entry of ``PATCHES`` called ``name``."""
+    for patch in PATCHES:
+        if patch.name == name:
+            return patch
+    raise KeyError(name)

@@ -35,11 +35,15 @@ def _print_json(value: Any) -> None:
 
 async def cmd_serve(args: argparse.Namespace) -> int:
     """The entry point wires the parts: a supervisor of workers, or one gateway in-process."""
+    from gateway import asyncssh_patches
     from gateway.daemon import sockets
 
     config = _config(args)
     path = getattr(args, "config", None)
     logs.configure(config.log.level, config.log.format)
+    # Before any SSH: refuses an unverified asyncssh (IncompatibleLibrary, exit 1). Workers run
+    # this command too; the supervisor checks first, so a bad install fails before spawning.
+    asyncssh_patches.apply()
     if not sockets.is_worker() and config.process.worker_count() > 1:
         from gateway.daemon.supervisor import Supervisor
 
@@ -218,8 +222,20 @@ async def cmd_upstream_key(args: argparse.Namespace) -> int:
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
-    from gateway.lab.demo import run_demo
+    """The demo lives in gateway.lab, which the wheel leaves out (see gateway/lab/__init__.py)."""
+    try:
+        from gateway.lab.demo import run_demo
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("gateway.lab", "gateway.lab.demo"):
+            raise
+        print(
+            "runtools-gateway demo: the demo runs from a source checkout: bash scripts/demo",
+            file=sys.stderr,
+        )
+        return 1
+    from gateway import asyncssh_patches
 
+    asyncssh_patches.apply()  # the demo runs the gateway in this process
     return await run_demo(ssh_port=args.port, key_file=args.key)
 
 

@@ -3,6 +3,12 @@
 Environment variables win over the file, so a unit file or container can override one setting
 without templating the whole file. Every value is validated at start; a bad one raises
 ``ConfigError`` naming the key (``ssh.listen``) and the reason.
+
+Settings with a fixed set of values are typed as ``Literal``; the accepted values are checked
+against the Literal's arguments, so the type is the only list. A setting declared with
+``field(..., metadata=RESTART)`` is read only at start: a reload (SIGHUP) keeps its old value
+until the next restart, and ``restart_required_changes`` names the ones a new config changed.
+Every other setting applies to new connections on reload.
 """
 
 from __future__ import annotations
@@ -13,26 +19,38 @@ import os
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Literal
 
 from gateway.errors import ConfigError
+
+ProxyProtocol = Literal["off", "optional", "required"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["json", "console"]
+RevocationMode = Literal["strict", "best_effort"]
+Auto = Literal["auto"]
+
+# Field metadata of a setting read only at start: changing it needs a restart, a reload keeps
+# the old value.
+RESTART: Mapping[str, bool] = MappingProxyType({"restart": True})
 
 
 @dataclass(frozen=True, slots=True)
 class DatabaseConfig:
-    url: str = "postgresql://runtools@127.0.0.1:5432/runtools"
-    pool_min_size: int = 1
-    pool_max_size: int = 10
-    connect_timeout_seconds: float = 5.0
-    command_timeout_seconds: float = 5.0
+    # Restart: the pool (sizes and timeouts included) is created once, at start.
+    url: str = field(default="postgresql://runtools@127.0.0.1:5432/runtools", metadata=RESTART)
+    pool_min_size: int = field(default=1, metadata=RESTART)
+    pool_max_size: int = field(default=10, metadata=RESTART)
+    connect_timeout_seconds: float = field(default=5.0, metadata=RESTART)
+    command_timeout_seconds: float = field(default=5.0, metadata=RESTART)
 
 
 @dataclass(frozen=True, slots=True)
 class SshConfig:
-    listen: str = "0.0.0.0:2222"
+    listen: str = field(default="0.0.0.0:2222", metadata=RESTART)
     login_timeout_seconds: float = 30.0
     max_auth_tries: int = 6
     max_sessions_per_connection: int = 10
@@ -43,7 +61,7 @@ class SshConfig:
     # SIGTERM: sessions get this long to finish before they are closed.
     drain_timeout_seconds: float = 30.0
     # PROXY protocol v1/v2 from a load balancer: off | optional | required.
-    proxy_protocol: str = "off"
+    proxy_protocol: ProxyProtocol = "off"
     # Only these sources may send a PROXY header (a header from anywhere else is refused).
     proxy_trusted_cidrs: tuple[str, ...] = ()
     proxy_header_timeout_seconds: float = 5.0
@@ -53,33 +71,36 @@ class SshConfig:
 class UpstreamConfig:
     connect_timeout_seconds: float = 10.0
     # Session channels per shared upstream connection: the sandbox sshd's MaxSessions.
-    max_sessions_per_connection: int = 10
+    # Restart: the upstream pool is created once, at start, with this and pool_idle_seconds.
+    max_sessions_per_connection: int = field(default=10, metadata=RESTART)
     # Idle shared upstream connections close after this long.
-    pool_idle_seconds: float = 60.0
+    pool_idle_seconds: float = field(default=60.0, metadata=RESTART)
     keepalive_interval_seconds: float = 30.0
     keepalive_count_max: int = 3
 
 
 @dataclass(frozen=True, slots=True)
 class ApiConfig:
-    listen: str = "127.0.0.1:8080"
-    enabled: bool = True
-    max_body_bytes: int = 65536
+    listen: str = field(default="127.0.0.1:8080", metadata=RESTART)
+    enabled: bool = field(default=True, metadata=RESTART)
+    # Restart: the API app is built once, at start.
+    max_body_bytes: int = field(default=65536, metadata=RESTART)
 
 
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
     # "" serves /metrics, /healthz and /readyz on the API listener (api.enabled must be true);
     # "host:port" serves them on a listener of their own instead.
-    listen: str = ""
+    listen: str = field(default="", metadata=RESTART)
 
 
 @dataclass(frozen=True, slots=True)
 class ProcessConfig:
     # 1 (one process, the default), N worker processes, or "auto" (one per usable core).
-    workers: int | str = 1
-    # How long a worker may go without a heartbeat before the supervisor restarts it.
-    worker_watchdog_seconds: float = 30.0
+    workers: int | Auto = field(default=1, metadata=RESTART)
+    # How long a worker may go without a heartbeat before the supervisor restarts it (the
+    # supervisor reads its config once).
+    worker_watchdog_seconds: float = field(default=30.0, metadata=RESTART)
 
     def worker_count(self) -> int:
         if self.workers == "auto":
@@ -89,13 +110,23 @@ class ProcessConfig:
 
 @dataclass(frozen=True, slots=True)
 class StateConfig:
-    dir: str = "/var/lib/runtools-gateway"
+    dir: str = field(default="/var/lib/runtools-gateway", metadata=RESTART)
 
 
 @dataclass(frozen=True, slots=True)
 class LogConfig:
-    level: str = "info"
-    format: str = "json"
+    level: LogLevel = field(default="info", metadata=RESTART)
+    format: LogFormat = field(default="json", metadata=RESTART)
+
+
+@dataclass(frozen=True, slots=True)
+class RevocationConfig:
+    # What a live connection may do while the access-change listener is down: "strict"
+    # refuses new sessions and channels until a reconcile succeeded again; "best_effort"
+    # lets them open on the per-channel database check alone.
+    mode: RevocationMode = field(default="strict", metadata=RESTART)
+    # The safety net: every live connection is re-checked this often, changes or not.
+    reconcile_interval_seconds: float = field(default=60.0, metadata=RESTART)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +139,7 @@ class Config:
     process: ProcessConfig = field(default_factory=ProcessConfig)
     state: StateConfig = field(default_factory=StateConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    revocation: RevocationConfig = field(default_factory=RevocationConfig)
 
     @classmethod
     def load(cls, path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
@@ -122,22 +154,21 @@ class Config:
             except tomllib.TOMLDecodeError as exc:
                 raise ConfigError(str(path), f"not valid TOML: {exc}") from exc
         sections: dict[str, Any] = {}
-        for section in dataclasses.fields(cls):
-            section_type = _resolve(section.type)
-            given = raw.pop(section.name, {})
+        for section_name, section_type in _type_hints(cls).items():
+            given = raw.pop(section_name, {})
             if not isinstance(given, dict):
-                raise ConfigError(section.name, "must be a table")
+                raise ConfigError(section_name, "must be a table")
             values: dict[str, Any] = {}
-            names = {f.name: f for f in dataclasses.fields(section_type)}
+            hints = _type_hints(section_type)
             for key, value in given.items():
-                if key not in names:
-                    raise ConfigError(f"{section.name}.{key}", "unknown setting")
-                values[key] = _convert(f"{section.name}.{key}", value, names[key].type, False)
-            for key, fld in names.items():
-                var = f"RTGW_{section.name}_{key}".upper()
+                if key not in hints:
+                    raise ConfigError(f"{section_name}.{key}", "unknown setting")
+                values[key] = _convert(f"{section_name}.{key}", value, hints[key], False)
+            for key, hint in hints.items():
+                var = f"RTGW_{section_name}_{key}".upper()
                 if var in env:
-                    values[key] = _convert(var, env[var], fld.type, True)
-            sections[section.name] = section_type(**values)
+                    values[key] = _convert(var, env[var], hint, True)
+            sections[section_name] = section_type(**values)
         if raw:
             raise ConfigError(next(iter(raw)), "unknown section")
         config = cls(**sections)
@@ -150,6 +181,7 @@ class Config:
         if not self.database.url.startswith(("postgresql://", "postgres://")):
             raise ConfigError("database.url", "must start with postgresql://")
         positive = {
+            "revocation.reconcile_interval_seconds": self.revocation.reconcile_interval_seconds,
             "database.pool_min_size": self.database.pool_min_size,
             "database.pool_max_size": self.database.pool_max_size,
             "database.connect_timeout_seconds": self.database.connect_timeout_seconds,
@@ -169,16 +201,13 @@ class Config:
                 raise ConfigError(key, "must be greater than 0")
         if self.database.pool_min_size > self.database.pool_max_size:
             raise ConfigError("database.pool_min_size", "must not exceed pool_max_size")
-        if self.log.level not in ("debug", "info", "warning", "error"):
-            raise ConfigError("log.level", "must be one of debug, info, warning, error")
-        if self.log.format not in ("json", "console"):
-            raise ConfigError("log.format", "must be json or console")
+        for name, value, hint, _ in _settings(self):  # ssh.proxy_protocol, log.level, log.format
+            if typing.get_origin(hint) is Literal and value not in typing.get_args(hint):
+                raise ConfigError(name, f"must be {_either(typing.get_args(hint))}")
         if not self.state.dir:
             raise ConfigError("state.dir", "must not be empty")
         if self.metrics.listen:
             parse_listen(self.metrics.listen, "metrics.listen")
-        if self.ssh.proxy_protocol not in ("off", "optional", "required"):
-            raise ConfigError("ssh.proxy_protocol", "must be off, optional or required")
         for cidr in self.ssh.proxy_trusted_cidrs:
             try:
                 ipaddress.ip_network(cidr, strict=False)
@@ -189,9 +218,11 @@ class Config:
                 "ssh.proxy_trusted_cidrs", "must list the load balancers when proxy_protocol is on"
             )
         workers = self.process.workers
-        if not (workers == "auto" or (isinstance(workers, int) and workers >= 1)):
+        auto = typing.get_args(Auto)
+        if not (workers in auto or (isinstance(workers, int) and workers >= 1)):
+            words = " or ".join(f'"{a}"' for a in auto)
             raise ConfigError(
-                "process.workers", f'must be "auto" or an integer >= 1 (got {workers!r})'
+                "process.workers", f"must be {words} or an integer >= 1 (got {workers!r})"
             )
         if self.process.worker_count() > 1 and parse_listen(self.ssh.listen, "ssh.listen")[1] == 0:
             raise ConfigError("ssh.listen", "needs a fixed port when process.workers is not 1")
@@ -220,17 +251,54 @@ def parse_listen(value: str, key: str) -> tuple[str, int]:
     return host, port
 
 
-def _resolve(annotation: Any) -> Any:
-    """Field types are strings under ``from __future__ import annotations``."""
-    if isinstance(annotation, str):
-        return eval(annotation, globals())  # noqa: S307 - our own annotations only
-    return annotation
+def restart_required_changes(old: Config, new: Config) -> list[str]:
+    """Dotted names of the ``RESTART`` settings whose value ``new`` changes."""
+    return [
+        name
+        for (name, before, _, fld), (_, after, _, _) in zip(
+            _settings(old), _settings(new), strict=True
+        )
+        if fld.metadata.get("restart") and before != after
+    ]
 
 
-def _convert(key: str, value: Any, annotation: Any, from_env: bool) -> Any:
-    kind = _resolve(annotation)
-    args = set(typing.get_args(kind))
-    if args == {int, str}:  # e.g. process.workers: 4 or "auto"
+def restart_settings() -> list[str]:
+    """Dotted names of every setting that needs a restart to change."""
+    defaults = Config()
+    return [name for name, _, _, fld in _settings(defaults) if fld.metadata.get("restart")]
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    """A dataclass's field types, resolved (they are strings under ``from __future__``)."""
+    return typing.get_type_hints(cls)
+
+
+def _settings(config: Config) -> Iterator[tuple[str, Any, Any, dataclasses.Field[Any]]]:
+    """Every setting as (``section.key``, value, type, dataclass field), in declaration order."""
+    for section in dataclasses.fields(config):
+        values = getattr(config, section.name)
+        hints = _type_hints(type(values))
+        for fld in dataclasses.fields(values):
+            yield f"{section.name}.{fld.name}", getattr(values, fld.name), hints[fld.name], fld
+
+
+def _either(choices: tuple[Any, ...]) -> str:
+    """``a, b or c``."""
+    words = [str(c) for c in choices]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+def _is_union(kind: Any) -> bool:
+    return isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union
+
+
+def _convert(key: str, value: Any, kind: Any, from_env: bool) -> Any:
+    if typing.get_origin(kind) is Literal:  # the choices are checked by Config.validate()
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string (got {value!r})")
+        return value
+    args = typing.get_args(kind) if _is_union(kind) else ()
+    if int in args and any(typing.get_origin(a) is Literal for a in args):  # workers: 4, "auto"
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, str):
@@ -242,8 +310,8 @@ def _convert(key: str, value: Any, annotation: Any, from_env: bool) -> Any:
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return tuple(value)
         raise ConfigError(key, f"expected a list of strings (got {value!r})")
-    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
-        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if _is_union(kind):
+        kind = next(a for a in args if a is not type(None))
     try:
         if kind is bool:
             if isinstance(value, bool):

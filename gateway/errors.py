@@ -3,6 +3,7 @@
 GatewayError
  +-- ConfigError      a setting is missing or invalid; ``str(exc)`` names the key and the reason
  +-- UpstreamError    the sandbox's SSH endpoint could not be used; carries a reason code
+ +-- IncompatibleLibrary  an installed library is not a version the gateway was verified on
 """
 
 from __future__ import annotations
@@ -24,3 +25,18 @@ class UpstreamError(GatewayError):
         super().__init__(f"{reason_code}: {detail}")
         self.reason_code = reason_code
         self.detail = detail
+
+
+class IncompatibleLibrary(GatewayError):
+    """An installed library's version is not one the gateway was verified on; ``remedy`` says
+    what to do (raised at start-up, e.g. by ``gateway.asyncssh_patches.apply()``)."""
+
+    def __init__(self, library: str, found: str, verified: str, remedy: str) -> None:
+        super().__init__(
+            f"{library} {found} is installed but the gateway was verified on {library} "
+            f"{verified}: {remedy}"
+        )
+        self.library = library
+        self.found = found
+        self.verified = verified
+        self.remedy = remedy

@@ -18,6 +18,10 @@ and never reveal whether a sandbox exists to someone who has not authenticated.
 | upstream_refused            | the sandbox refused the session or channel request      | 255  |
 | too_many_sessions           | more channels than ssh.max_sessions_per_connection      |  -   |
 | gateway_draining            | the gateway is restarting                                |  -   |
+| access_ended                | the key was revoked/expired/deleted, or the sandbox     | 255  |
+|                             | stopped/deleted/moved, or the org removed (live session) |      |
+| revocation_unverified       | revocation.mode=strict and the change listener is down: |  -   |
+|                             | new channels on live connections are refused            |      |
 
 Codes that only logs, audit rows and metrics carry (the user sees a closed connection or the
 key_not_registered banner):
@@ -106,3 +110,41 @@ GATEWAY_DRAINING = Reason(
     "gateway_draining",
     "the gateway is restarting; your session will end in {seconds:g} s. Reconnect to continue.",
 )
+ACCESS_ENDED = Reason(
+    "access_ended",
+    "your access to {sandbox} ended: {what}. This session was closed; {next}",
+)
+REVOCATION_UNVERIFIED = Reason(
+    "revocation_unverified",
+    "the gateway cannot confirm right now that your key is still valid, so it opens no new "
+    "session on this connection. Reconnect in a minute (connection id {conn_id}).",
+)
+
+# What ended access (keystore/access.py reasons) -> (what happened, what to do next).
+_ACCESS_ENDED_BECAUSE = {
+    "key_revoked": ("the SSH key {key} was revoked", "register a current key ({hint})."),
+    "key_expired": ("the SSH key {key} expired", "register a current key ({hint})."),
+    "key_deleted": ("the SSH key {key} was removed", "register a current key ({hint})."),
+    "sandbox_stopped": (
+        "{sandbox} was stopped",
+        "start it (runtools sandbox start {sandbox}) and connect again.",
+    ),
+    "sandbox_deleted": ("{sandbox} was deleted", "check the sandbox id."),
+    "sandbox_moved": (
+        "{sandbox} now belongs to another organization",
+        "ask its new organization for access.",
+    ),
+    "sandbox_target_changed": ("{sandbox} moved to a new host", "connect again."),
+    "org_deleted": ("your organization was removed", "contact your organization's owner."),
+}
+
+
+def access_ended(reason: str, **values: object) -> str:
+    """The one stderr line a live session gets when revocation ends it."""
+    values.setdefault("hint", "runtools ssh-key add ~/.ssh/id_ed25519.pub")
+    what, next_step = _ACCESS_ENDED_BECAUSE.get(reason, ("access was withdrawn", "connect again."))
+    return ACCESS_ENDED.render(
+        sandbox=values.get("sandbox"),
+        what=what.format(**values),
+        next=next_step.format(**values),
+    )

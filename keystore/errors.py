@@ -7,6 +7,7 @@ KeystoreError
  +-- InvalidInput       the caller's input is malformed; ``str(exc)`` is a message for a person
       +-- InvalidPublicKey
       +-- InvalidToken
+      +-- InvalidChange    a payload on the access-change channel that is not one of ours
 """
 
 from __future__ import annotations
@@ -49,3 +50,7 @@ class InvalidPublicKey(InvalidInput):
 
 class InvalidToken(InvalidInput):
     code = "invalid_token"
+
+
+class InvalidChange(InvalidInput):
+    code = "invalid_change"

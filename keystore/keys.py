@@ -14,6 +14,8 @@ whose ``code`` says what was wrong:
 ``certificate_not_supported``  an OpenSSH certificate (``*-cert-v01@openssh.com``)
 ``dsa_not_supported``          ``ssh-dss``
 ``rsa_too_small``              RSA modulus under :data:`MIN_RSA_BITS` bits
+``rsa_too_large``              RSA modulus over :data:`MAX_RSA_BITS` bits
+``rsa_bad_exponent``           RSA public exponent other than :data:`RSA_EXPONENT` (65537)
 ``unsupported_type``           any other key type outside :data:`ALLOWED_ALGORITHMS`
 ``bad_comment``                the comment contains control / invisible formatting characters
 ``not_a_public_key``           anything else that does not decode as a public key
@@ -38,6 +40,17 @@ spoof text.
 
 Messages never contain the key material or any other part of the input except the comment and
 a key-type name matching :data:`_TYPE_RE`.
+
+RSA limits, and the same limits at login
+    Verifying an RSA signature costs one or two modular multiplications per bit of the public
+    exponent, each growing with the square of the modulus length: a 16,384-bit modulus or a
+    ~3,000-bit exponent makes one verification take milliseconds, and a few dozen connections
+    offering such a key hold a core. ssh-keygen and every common tool make keys with the
+    exponent 65537, and OpenSSH itself refuses RSA moduli over 16,384 bits. :func:`rsa_problem`
+    is the one rule; :func:`parse_public_key` applies it at registration and
+    :func:`login_key_problem` at login, to an :class:`asyncssh.SSHKey`, so that the server can
+    refuse an offered key before verifying anything with it (a key registered before these
+    limits existed, or any key at all offered by a hostile client).
 """
 
 from __future__ import annotations
@@ -60,14 +73,20 @@ __all__ = [
     "ALLOWED_ALGORITHMS",
     "MAX_COMMENT_CHARS",
     "MAX_PUBLIC_KEY_CHARS",
+    "MAX_RSA_BITS",
     "MIN_RSA_BITS",
+    "RSA_EXPONENT",
     "ParsedKey",
     "fingerprint_of_blob",
+    "login_key_problem",
     "parse_public_key",
+    "rsa_problem",
 ]
 
 MAX_PUBLIC_KEY_CHARS = 16384
 MIN_RSA_BITS = 2048
+MAX_RSA_BITS = 8192
+RSA_EXPONENT = 65537
 MAX_COMMENT_CHARS = 255
 
 # Key types runtools accepts, with the size reported for the fixed-size ones (RSA is measured).
@@ -351,14 +370,11 @@ def _check_blob(blob: bytes, type_in_text: str | None, comment: str | None) -> P
         pyca_key = key.pyca_key
         if not isinstance(pyca_key, rsa.RSAPublicKey):  # pragma: no cover - asyncssh invariant
             raise _fail("not_a_public_key", corrupt + "copied. " + _PASTE_HINT)
+        numbers = pyca_key.public_numbers()
         bits = pyca_key.key_size
-        if bits < MIN_RSA_BITS:
-            raise _fail(
-                "rsa_too_small",
-                f"This RSA key is {bits} bits; at least {MIN_RSA_BITS} bits are required. "
-                + _NEW_KEY_HINT
-                + " (or ssh-keygen -t rsa -b 4096) and paste the new .pub file.",
-            )
+        problem = rsa_problem(bits, numbers.e)
+        if problem is not None:
+            raise _fail(problem, _rsa_message(problem, bits, numbers.e))
     else:
         bits = _FIXED_BITS[blob_type]
 
@@ -369,6 +385,56 @@ def _check_blob(blob: bytes, type_in_text: str | None, comment: str | None) -> P
         public_key=f"{blob_type} {base64.b64encode(blob).decode('ascii')}",
         comment=comment,
         blob=blob,
+    )
+
+
+def rsa_problem(bits: int, exponent: int) -> str | None:
+    """Why runtools refuses an RSA key with this modulus size and public exponent, or None.
+
+    Returns ``rsa_too_small`` (under :data:`MIN_RSA_BITS`), ``rsa_too_large`` (over
+    :data:`MAX_RSA_BITS`) or ``rsa_bad_exponent`` (not :data:`RSA_EXPONENT`), checked in that
+    order.
+    """
+    if bits < MIN_RSA_BITS:
+        return "rsa_too_small"
+    if bits > MAX_RSA_BITS:
+        return "rsa_too_large"
+    if exponent != RSA_EXPONENT:
+        return "rsa_bad_exponent"
+    return None
+
+
+def login_key_problem(key: asyncssh.SSHKey) -> str | None:
+    """Why a key offered at login must be refused before any signature is checked, or None.
+
+    For an RSA key, :func:`rsa_problem` of its modulus size and exponent (reading two numbers
+    off the already decoded key: no crypto); None for every other key type, whose cost is fixed.
+    Accepts public and private :class:`asyncssh.SSHKey` objects.
+    """
+    pyca_key = getattr(key, "pyca_key", None)
+    if isinstance(pyca_key, rsa.RSAPrivateKey):
+        pyca_key = pyca_key.public_key()
+    if not isinstance(pyca_key, rsa.RSAPublicKey):
+        return None
+    return rsa_problem(pyca_key.key_size, pyca_key.public_numbers().e)
+
+
+def _rsa_message(code: str, bits: int, exponent: int) -> str:
+    new_key = _NEW_KEY_HINT + " (or ssh-keygen -t rsa -b 4096) and paste the new .pub file."
+    if code == "rsa_too_small":
+        return f"This RSA key is {bits} bits; at least {MIN_RSA_BITS} bits are required. " + new_key
+    if code == "rsa_too_large":
+        return (
+            f"This RSA key is {bits} bits; at most {MAX_RSA_BITS} bits are accepted, because "
+            "checking signatures made with larger keys slows down logins for everyone. " + new_key
+        )
+    # Small exponents are shown as they are; a huge one only by its length (it is key material).
+    shown = (
+        str(exponent) if exponent.bit_length() <= 32 else f"a {exponent.bit_length()}-bit number"
+    )
+    return (
+        f"This RSA key's public exponent is {shown}; only {RSA_EXPONENT} is accepted (the "
+        "exponent ssh-keygen and other common tools use). " + new_key
     )
 
 

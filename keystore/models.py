@@ -58,11 +58,15 @@ class SshKey:
 
 @dataclass(frozen=True, slots=True)
 class AuthorizedKey:
-    """A key that may open the sandboxes of its org right now (not revoked, not expired)."""
+    """A key that may open the sandboxes of its org right now (not revoked, not expired).
+
+    ``expires_at`` (None: never) is when that stops: a live session of the key must end then.
+    """
 
     id: uuid.UUID
     fingerprint: str
     public_key: str
+    expires_at: dt.datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

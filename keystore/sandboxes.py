@@ -133,7 +133,9 @@ async def access_for(db: Executor, sandbox_id: str) -> SandboxAccess | None:
                    coalesce(array_agg(k.fingerprint ORDER BY k.created_at)
                             FILTER (WHERE k.id IS NOT NULL), '{{}}') AS key_fps,
                    coalesce(array_agg(k.public_key ORDER BY k.created_at)
-                            FILTER (WHERE k.id IS NOT NULL), '{{}}') AS key_lines
+                            FILTER (WHERE k.id IS NOT NULL), '{{}}') AS key_lines,
+                   coalesce(array_agg(k.expires_at ORDER BY k.created_at)
+                            FILTER (WHERE k.id IS NOT NULL), '{{}}') AS key_expiries
             FROM sandboxes s
             JOIN organizations o ON o.id = s.org_id
             LEFT JOIN ssh_keys k
@@ -148,7 +150,9 @@ async def access_for(db: Executor, sandbox_id: str) -> SandboxAccess | None:
     if row is None:
         return None
     keys = tuple(
-        AuthorizedKey(id=kid, fingerprint=fp, public_key=line)
-        for kid, fp, line in zip(row["key_ids"], row["key_fps"], row["key_lines"], strict=True)
+        AuthorizedKey(id=kid, fingerprint=fp, public_key=line, expires_at=expires)
+        for kid, fp, line, expires in zip(
+            row["key_ids"], row["key_fps"], row["key_lines"], row["key_expiries"], strict=True
+        )
     )
     return SandboxAccess(sandbox=_sandbox(row), keys=keys)

@@ -5,7 +5,9 @@ listener of their own when ``metrics.listen`` is set or the API is off.
 
 - ``/healthz``: 200 while the process runs its event loop.
 - ``/readyz``: 200 only when the database answers ``SELECT 1`` within 2 s, the SSH listener is
-  up and the gateway is not draining; 503 otherwise, with the failing checks in the JSON body.
+  up, the gateway is not draining and (``revocation.mode = "strict"``) the access-change
+  listener is subscribed and reconciled; 503 otherwise, with the failing checks in the JSON
+  body, which also shows the revocation mode and listener state.
 - ``/metrics``: Prometheus text exposition (see gateway/daemon/metrics.py).
 """
 
@@ -28,6 +30,8 @@ class Probe(Protocol):
 
     async def database_ok(self) -> bool: ...
 
+    def revocation_status(self) -> dict[str, object]: ...
+
 
 def routes(probe: Probe) -> list[web.RouteDef]:
     async def healthz(_request: web.Request) -> web.Response:
@@ -38,14 +42,22 @@ def routes(probe: Probe) -> list[web.RouteDef]:
             db = await asyncio.wait_for(probe.database_ok(), 2.0)
         except (TimeoutError, OSError):
             db = False
+        revocation = probe.revocation_status()
         checks = {
             "database": db,
             "listeners": probe.listeners_up(),
             "not_draining": not probe.is_draining(),
         }
+        if revocation.get("mode") == "strict":
+            # Strict revocation refuses new channels while changes may be missed: not ready.
+            checks["revocation"] = bool(revocation.get("healthy"))
         ready = all(checks.values())
         return web.json_response(
-            {"status": "ready" if ready else "not ready", "checks": checks},
+            {
+                "status": "ready" if ready else "not ready",
+                "checks": checks,
+                "revocation": revocation,
+            },
             status=200 if ready else 503,
         )
 

@@ -5,8 +5,8 @@
 ``Gateway`` per worker process; the two never import each other. Signals (``Gateway.run``):
 
 - SIGHUP: re-read the config file and the host keys; new connections use them, live sessions
-  are untouched. Settings that need a restart (listen addresses, database, state dir, workers,
-  log) are reported in the log and keep their old value until then.
+  are untouched. Settings that need a restart (``restart needed`` in gateway/config.py) are
+  reported in the log and keep their old value until then.
 - SIGTERM / SIGINT: drain. Stop accepting; every live session gets one stderr line saying the
   gateway is restarting; sessions may finish until ``ssh.drain_timeout_seconds``; then the rest
   are closed (stderr line, exit 255), connections closed, the audit queue flushed; exit 0.
@@ -29,17 +29,19 @@ import structlog
 
 from gateway import messages
 from gateway.audit.writer import AuditWriter
-from gateway.config import Config, parse_listen
+from gateway.config import Config, parse_listen, restart_required_changes
 from gateway.daemon import health, metrics, systemd
 from gateway.daemon.sockets import WORKER_INDEX_ENV, inherited_listen_socket
 from gateway.errors import ConfigError
 from gateway.ssh import algorithms, hostkeys
 from gateway.ssh.proxy_protocol import Listener, ProxySettings
+from gateway.ssh.revocation import Revocation
 from gateway.ssh.runtime import Runtime
 from gateway.ssh.server import GatewayConnection
 from gateway.upstream import connect as upstream
 from gateway.upstream.pool import UpstreamPool
 from keystore import db as keystore_db
+from keystore.changes import ChangeListener
 from keystore.errors import Unavailable
 
 log = structlog.get_logger("gateway.daemon.lifecycle")
@@ -96,30 +98,6 @@ def proxy_settings(config: Config) -> ProxySettings:
     )
 
 
-# Settings a SIGHUP cannot change in a running process.
-_RESTART_ONLY = (
-    ("ssh", "listen"),
-    ("database", "url"),
-    ("database", "pool_min_size"),
-    ("database", "pool_max_size"),
-    ("state", "dir"),
-    ("api", "listen"),
-    ("api", "enabled"),
-    ("metrics", "listen"),
-    ("process", "workers"),
-    ("log", "level"),
-    ("log", "format"),
-)
-
-
-def restart_only_changes(old: Config, new: Config) -> list[str]:
-    return [
-        f"{section}.{key}"
-        for section, key in _RESTART_ONLY
-        if getattr(getattr(old, section), key) != getattr(getattr(new, section), key)
-    ]
-
-
 class Gateway:
     """Owns the listener and the shared runtime; ``run()`` serves until SIGTERM/SIGINT."""
 
@@ -145,6 +123,7 @@ class Gateway:
         self.api_port: int | None = None
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._changes: ChangeListener | None = None
         self._reload_lock = asyncio.Lock()
         self._last_status = ""
         self.ssh_port: int | None = None
@@ -191,6 +170,7 @@ class Gateway:
             idle_seconds=config.upstream.pool_idle_seconds,
         )
         rt = self.runtime
+        await self._start_revocation(rt)
 
         sock = inherited_listen_socket()
         host, port = parse_listen(config.ssh.listen, "ssh.listen")
@@ -254,6 +234,40 @@ class Gateway:
         if routes:
             self.http_port = self.api_port
 
+    async def _start_revocation(self, rt: Runtime) -> None:
+        """Subscribe to access changes, then reconcile, before the SSH port opens."""
+        revocation = Revocation(rt.registry, rt.db, mode=self.config.revocation.mode)
+
+        async def subscribed() -> None:
+            await revocation.reconcile()
+
+        self._changes = ChangeListener(
+            self.config.database.url, revocation.on_change, on_subscribed=subscribed
+        )
+        changes = self._changes
+        revocation.listener_state = lambda: changes.state
+        rt.revocation = revocation
+        await changes.start()
+        if changes.state != "listening":
+            log.error(
+                "revocation_listener_down",
+                mode=revocation.mode,
+                consequence="new channels on live connections are refused until it is back"
+                if revocation.mode == "strict"
+                else "live sessions are checked per channel only until it is back",
+            )
+        interval = self.config.revocation.reconcile_interval_seconds
+        self._tasks.append(
+            asyncio.get_running_loop().create_task(revocation.reconcile_every(interval))
+        )
+
+    def revocation_status(self) -> dict[str, object]:
+        rt = self.runtime
+        if rt is None or rt.revocation is None:
+            return {"mode": self.config.revocation.mode, "listener": "down", "healthy": False}
+        rev = rt.revocation
+        return {"mode": rev.mode, "listener": rev.listener_state(), "healthy": rev.healthy}
+
     async def _housekeeping(self) -> None:
         """Watchdog pings, pool metrics and a STATUS= line that says what is going on."""
         interval = self.notifier.watchdog_interval()
@@ -265,6 +279,8 @@ class Gateway:
             if rt is not None:
                 metrics.update_pool(rt.db)
                 metrics.AUDIT_QUEUED.set(rt.audit.queued)
+                if rt.revocation is not None:
+                    metrics.REVOCATION_LISTENER.set(1 if rt.revocation.healthy else 0)
                 status = self._status_text()
                 if status != self._last_status and not rt.draining:
                     self._last_status = status
@@ -313,7 +329,7 @@ class Gateway:
                 log.error("reload_failed", error=str(exc))
                 self.notifier.ready(f"reload failed, still serving the old config: {exc}")
                 return False
-            ignored = restart_only_changes(self.config, new)
+            ignored = restart_required_changes(self.config, new)
             if ignored:
                 log.warning("reload_needs_restart", settings=ignored)
             self.config = new
@@ -383,6 +399,9 @@ class Gateway:
         if self._acceptor is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._acceptor.wait_closed(), 2.0)
+        if self._changes is not None:
+            with contextlib.suppress(Exception):
+                await self._changes.close()
         await rt.audit.close()
         if rt.upstream_pool is not None:
             await rt.upstream_pool.close()

@@ -73,6 +73,20 @@ RELOADS = Counter("rtgw_reloads", "Configuration reloads (SIGHUP)", ["result"])
 AUDIT_QUEUED = Gauge(
     "rtgw_audit_queued", "Audit events waiting to be written", multiprocess_mode="livesum"
 )
+REVOCATION_LISTENER = Gauge(
+    "rtgw_revocation_listener_up",
+    "1 while this process listens for access changes (LISTEN rtgw_access)",
+    multiprocess_mode="livemin",
+)
+RECONCILES = Counter("rtgw_revocation_reconciles", "Full re-checks of live connections", ["result"])
+REVOKED_CONNECTIONS = Counter(
+    "rtgw_revoked_connections", "Live connections ended because access shrank", ["reason"]
+)
+REVOCATION_LAG = Histogram(
+    "rtgw_revocation_lag_seconds",
+    "From the change's commit to the affected connection being ended",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+)
 
 
 def _short(kind: str) -> str:

@@ -17,19 +17,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-import asyncssh
-
 from gateway.config import ApiConfig, Config, DatabaseConfig, LogConfig, SshConfig, StateConfig
 from gateway.daemon import logs
 from gateway.daemon.lifecycle import Gateway
 from gateway.lab.postgres import ThrowawayCluster
 from gateway.lab.sandbox_sshd import SandboxSshd
+from gateway.lab.seed import Upstream, create_tenant, migrate_database
+from gateway.lab.user_keys import UserKey, make_key
 from gateway.ssh import hostkeys
-from keystore import db as keystore_db
-from keystore import keys as keyparse
-from keystore import orgs, sandboxes, ssh_keys
-from keystore.errors import InvalidPublicKey
-from keystore.migrate import migrate
 
 DEMO_ORG = "demo"
 DEMO_SANDBOX = "sandbox-demo"
@@ -39,8 +34,8 @@ def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
-def _user_keys(key_file: str | None, state: Path) -> tuple[list[str], Path | None]:
-    """Public key lines to register, and the private key we made (if we had to make one)."""
+def _user_keys(key_file: str | None, state: Path) -> tuple[list[str], UserKey | None]:
+    """Public key lines to register, and the key pair we made (if we had to make one)."""
     if key_file:
         return [Path(key_file).expanduser().read_text().strip()], None
     found = sorted(Path("~/.ssh").expanduser().glob("*.pub"))
@@ -50,11 +45,7 @@ def _user_keys(key_file: str | None, state: Path) -> tuple[list[str], Path | Non
             lines.append(path.read_text().strip())
     if lines:
         return lines, None
-    key = asyncssh.generate_private_key("ssh-ed25519", comment="runtools-demo")
-    private = state / "demo_id_ed25519"
-    private.write_bytes(key.export_private_key())
-    private.chmod(0o600)
-    return [key.export_public_key().decode().strip()], private
+    return [], make_key(state, "demo_id_ed25519", comment="runtools-demo")
 
 
 def _port_free(port: int) -> bool:
@@ -81,41 +72,25 @@ async def run_demo(ssh_port: int = 2222, key_file: str | None = None) -> int:
     try:
         _say("starting a throwaway PostgreSQL ...")
         await asyncio.to_thread(cluster.start)
-        async with keystore_db.connect(cluster.dsn) as conn:
-            await migrate(conn)
+        await migrate_database(cluster.dsn)
         upstream_line = hostkeys.public_line(hostkeys.load_upstream_key(state))
         _say("starting the demo sandbox (OpenSSH sshd on loopback) ...")
         sshd = SandboxSshd(authorized_keys=[upstream_line])
         await asyncio.to_thread(sshd.start)
         lines, made = _user_keys(key_file, state)
-        async with keystore_db.connect(cluster.dsn) as conn:
-            org = await orgs.create_org(conn, DEMO_ORG, "Demo organization")
-            project = await orgs.get_project(conn, org.id, None)
-            await sandboxes.add_sandbox(
-                conn,
-                sandbox_id=DEMO_SANDBOX,
-                org_id=org.id,
-                project_id=project.id,
-                upstream_host=sshd.host,
-                upstream_port=sshd.port,
-                login_user=sshd.login_user,
-                host_keys=[sshd.host_key_line],
-            )
-            registered = []
-            for line in lines:
-                try:
-                    parsed = keyparse.parse_public_key(line)
-                except InvalidPublicKey as exc:
-                    _say(f"  skipping a key: {exc}")
-                    continue
-                await ssh_keys.add_key(
-                    conn,
-                    org_id=org.id,
-                    project_id=project.id,
-                    key=parsed,
-                    name=parsed.comment or "demo key",
-                )
-                registered.append(parsed.fingerprint)
+        tenant = await create_tenant(
+            cluster.dsn,
+            Upstream.of(sshd),
+            slug=DEMO_ORG,
+            org_name="Demo organization",
+            sandbox_id=DEMO_SANDBOX,
+            key=made,
+            key_lines=lines,
+            skip_invalid=True,
+        )
+        for reason in tenant.skipped:
+            _say(f"  skipping a key: {reason}")
+        registered = [key.fingerprint for key in tenant.keys]
         if not registered:
             _say("no usable public key found; pass one with --key FILE.pub")
             return 1
@@ -137,13 +112,13 @@ async def run_demo(ssh_port: int = 2222, key_file: str | None = None) -> int:
         )
         cmd = ["ssh", "-p", str(ssh_port), "-o", f"UserKnownHostsFile={known}"]
         if made is not None:
-            cmd += ["-i", str(made), "-o", "IdentitiesOnly=yes"]
+            cmd += ["-i", str(made.path), "-o", "IdentitiesOnly=yes"]
         cmd.append(f"{DEMO_SANDBOX}@127.0.0.1")
         _say()
         _say("runtools-gateway demo is up.")
         _say(f"  registered for org '{DEMO_ORG}': " + ", ".join(registered))
         if made is not None:
-            _say(f"  no ~/.ssh/*.pub found, so a demo key was made: {made}")
+            _say(f"  no ~/.ssh/*.pub found, so a demo key was made: {made.path}")
         _say("Connect with:")
         _say("  " + shlex.join(cmd))
         _say("Also try scp, sftp and rsync with the same options. Press Ctrl-C to stop.")

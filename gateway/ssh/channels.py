@@ -39,6 +39,8 @@ _UPSTREAM_REASONS = {
         messages.UPSTREAM_REFUSED,
         messages.GATEWAY_DRAINING,
         messages.TOO_MANY_SESSIONS,
+        messages.ACCESS_ENDED,
+        messages.REVOCATION_UNVERIFIED,
     )
 }
 
@@ -90,8 +92,12 @@ class Channels:
         peer_port: int | None,
         log: FilteringBoundLogger,
         on_idle_while_draining: Callable[[], None],
+        admit: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._rt = rt
+        # Checks the connection's access against the database before each channel opens
+        # (gateway/ssh/revocation.py); None only in unit tests.
+        self._admit = admit
         self._on_idle_while_draining = on_idle_while_draining
         self._conn_id = conn_id
         self._accepted = accepted
@@ -112,6 +118,14 @@ class Channels:
 
     def describe(self, code: str, detail: str | None) -> str:
         """The user's text for a failed channel: rendered here, at the edge, once."""
+        if code == messages.ACCESS_ENDED.code:
+            key = self._accepted.key.fingerprint
+            return messages.access_ended(
+                detail or "",
+                sandbox=self._accepted.sandbox.id,
+                key=key,
+                hint=self._rt.config.ssh.register_key_hint,
+            )
         reason = _UPSTREAM_REASONS.get(code, messages.UPSTREAM_UNREACHABLE)
         return reason.render(
             sandbox=self._accepted.sandbox.id,
@@ -194,14 +208,21 @@ class Channels:
         self, conn: asyncssh.SSHServerConnection, dest_host: str, dest_port: int
     ) -> Awaitable[TunnelEnd] | None:
         """``ssh -L`` / ``-D`` / ``-W``: the TCP connection is opened inside the sandbox."""
-        if self._accepted.sandbox.status != "running" or self._rt.draining:
+        if self._rt.draining:
             return None
         self._log.info("direct_tcpip", dest=f"{dest_host}:{dest_port}")
         gauge = metrics.CHANNELS_ACTIVE.labels("direct-tcpip")
 
         async def through_sandbox() -> TunnelEnd:
+            # Whatever fails here fails this channel only, with the reason in the open-failure
+            # text (ssh prints it), never the client's whole connection.
             holder = object()
-            up = await self._lease(holder)
+            try:
+                up = await self._lease(holder)
+            except UpstreamError as exc:
+                raise asyncssh.ChannelOpenError(
+                    asyncssh.OPEN_CONNECT_FAILED, self.describe(exc.reason_code, exc.detail)
+                ) from exc
 
             def closed() -> None:
                 gauge.dec()
@@ -209,6 +230,15 @@ class Channels:
 
             try:
                 end = await open_tunnel(up, dest_host, dest_port, closed)
+            except asyncssh.ChannelOpenError:
+                self._leases.release(holder)
+                raise
+            except (OSError, asyncssh.Error) as exc:
+                self._leases.release(holder)
+                raise asyncssh.ChannelOpenError(
+                    asyncssh.OPEN_CONNECT_FAILED,
+                    self.describe(messages.UPSTREAM_REFUSED.code, type(exc).__name__),
+                ) from exc
             except BaseException:
                 self._leases.release(holder)
                 raise
@@ -227,8 +257,12 @@ class Channels:
         """
         sandbox = self._accepted.sandbox
         pool = self._rt.upstream_pool
-        if sandbox.status != "running" or pool is None:
+        if self._admit is not None:
+            await self._admit()  # current state, not the snapshot taken at login
+        elif sandbox.status != "running":
             raise UpstreamError(messages.SANDBOX_STOPPED.code, f"sandbox status {sandbox.status}")
+        if pool is None:
+            raise UpstreamError(messages.SANDBOX_STOPPED.code, "no upstream pool")
         t0 = time.perf_counter()
         try:
             lease = await pool.acquire(self.target)

@@ -10,6 +10,7 @@ from gateway.audit.writer import AuditWriter
 from gateway.config import Config
 from gateway.ssh.access import AccessSource, DatabaseAccess
 from gateway.ssh.registry import Registry
+from gateway.ssh.revocation import Revocation
 from gateway.upstream.pool import UpstreamPool
 from keystore.db import Executor
 
@@ -25,6 +26,8 @@ class Runtime:
     draining: bool = False
     # Warm shared upstream connections (gateway/upstream/pool.py); None only in unit tests.
     upstream_pool: UpstreamPool | None = None
+    # Live revocation (gateway/ssh/revocation.py); None only in unit tests.
+    revocation: Revocation | None = None
 
     def access_source(self) -> AccessSource:
         if self.access is None:

@@ -102,6 +102,8 @@ class GatewayConnection(asyncssh.SSHServer):
             state = "authenticated" if self.authenticated else "unauthenticated"
             metrics.CONNECTIONS_OPEN.labels(state).dec()
             registry.remove(self)
+        if self._rt.revocation is not None:
+            self._rt.revocation.forget(self)
         if self._channels is not None:
             self._channels.close()  # the shared upstream connections stay for other clients
         self.log.info(
@@ -164,6 +166,8 @@ class GatewayConnection(asyncssh.SSHServer):
         accepted = self._accepted
         assert accepted is not None
         sandbox, key = accepted.sandbox, accepted.key
+        identity = Identity(sandbox.org_id, sandbox.id, key.id, key.fingerprint)
+        revocation = self._rt.revocation
         self._channels = Channels(
             self._rt,
             conn_id=self._conn_id,
@@ -172,13 +176,14 @@ class GatewayConnection(asyncssh.SSHServer):
             peer_port=self._peer_port,
             log=self.log,
             on_idle_while_draining=self.close,
+            admit=(lambda: revocation.check_channel(self, identity)) if revocation else None,
         )
         if self in self._rt.registry:
             metrics.CONNECTIONS_OPEN.labels("unauthenticated").dec()
             metrics.CONNECTIONS_OPEN.labels("authenticated").inc()
-            self._rt.registry.authenticated(
-                self, Identity(sandbox.org_id, sandbox.id, key.id, key.fingerprint)
-            )
+            self._rt.registry.authenticated(self, identity)
+            if revocation is not None:
+                revocation.track(self, key.expires_at, sandbox.status == "running")
         self.log = self.log.bind(org=sandbox.org_slug, key=key.fingerprint)
         self._audit_auth("ok", None, key.fingerprint)
         self.log.info("auth_ok")

@@ -1,144 +1,96 @@
-"""Real processes for integration tests: the gateway as a subprocess, OpenSSH clients, keys."""
+"""Helpers shared by the integration areas: gateways started by a factory, OpenSSH clients,
+a TCP relay we can cut. The lab parts themselves (processes, seeding, keys) are in gateway/lab.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
+import shutil
 import socket
 import subprocess
-import sys
+import threading
 import time
 import uuid
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
-REPO = Path(__file__).resolve().parent.parent
+from gateway.lab.process import GatewayProcess, free_port
+from gateway.lab.seed import unique
+from gateway.lab.user_keys import UserKey
 
+REPO = Path(__file__).resolve().parents[2]
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_for_banner(
-    port: int, timeout: float = 20.0, proc: subprocess.Popen[bytes] | None = None
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited with {proc.returncode} before listening")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5) as s:
-            s.settimeout(1.0)
-            if s.recv(64).startswith(b"SSH-2.0-"):
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing answered SSH on port {port} within {timeout} s")
+G = TypeVar("G", bound=GatewayProcess)
 
 
-def unique(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+def fresh_state(base: Path, shared_state: Path, name: str) -> Path:
+    """A state dir with the shared upstream identity (sandboxes trust it) and host keys."""
+    path = base / name
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for item in shared_state.iterdir():
+        if item.name.startswith(("ssh_host_", "upstream_")):
+            shutil.copy2(item, path / item.name)
+    return path
 
 
-@dataclass
-class UserKey:
-    path: Path
+class GatewayFactory:
+    """Starts gateway processes and stops every one of them in :meth:`stop_all`.
 
-    @property
-    def pub(self) -> Path:
-        return self.path.with_name(self.path.name + ".pub")
+    The ``gateway_factory`` fixtures (tests/integration/conftest.py) make one per test, per
+    module or for the session; call it as
+    ``gateway_factory({"RTGW_…": "…"}, cls=…, state_dir=…, **attributes)``.
+    Unless given ``state_dir``, each gateway gets a fresh state dir holding copies of the
+    shared host keys and upstream identity (the session sandbox sshd trusts it).
+    """
 
-    @property
-    def public_line(self) -> str:
-        return self.pub.read_text().strip()
+    def __init__(self, database_url: str, shared_state: Path, base_dir: Path) -> None:
+        self.database_url = database_url
+        self.shared_state = shared_state
+        self.base_dir = base_dir
+        self.started: list[GatewayProcess] = []
 
-
-def make_key(directory: Path, name: str, kind: str = "ed25519", bits: int | None = None) -> UserKey:
-    path = directory / name
-    cmd = ["ssh-keygen", "-q", "-t", kind, "-N", "", "-C", f"{name}@test", "-f", str(path)]
-    if bits:
-        cmd += ["-b", str(bits)]
-    subprocess.run(cmd, check=True)
-    return UserKey(path)
-
-
-@dataclass
-class GatewayProcess:
-    """``python -m gateway serve`` with its own state dir and log file."""
-
-    database_url: str
-    state_dir: Path
-    env_extra: dict[str, str] = field(default_factory=dict)
-    ssh_port: int = 0
-    api_port: int = 0
-    proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def log_path(self) -> Path:
-        return self.state_dir / "gateway.log"
-
-    def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(
-            RTGW_DATABASE_URL=self.database_url,
-            RTGW_SSH_LISTEN=f"127.0.0.1:{self.ssh_port}",
-            RTGW_API_LISTEN=f"127.0.0.1:{self.api_port}",
-            RTGW_STATE_DIR=str(self.state_dir),
-            RTGW_LOG_LEVEL="debug",
-            RTGW_UPSTREAM_CONNECT_TIMEOUT_SECONDS="3",
-            PYTHONUNBUFFERED="1",
+    def __call__(
+        self,
+        env: Mapping[str, str] | None = None,
+        *,
+        cls: type[G] = GatewayProcess,  # type: ignore[assignment]
+        state_dir: Path | None = None,
+        database_url: str | None = None,
+        timeout: float | None = None,
+        **attributes: Any,
+    ) -> G:
+        state = state_dir or fresh_state(self.base_dir, self.shared_state, unique("state"))
+        gw = cls(
+            database_url=database_url or self.database_url,
+            state_dir=state,
+            env_extra=dict(env or {}),
+            **attributes,
         )
-        env.update(self.env_extra)
-        return env
+        self.started.append(gw)
+        return gw.start(timeout)
 
-    def start(self, timeout: float = 30.0) -> GatewayProcess:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.ssh_port = self.ssh_port or free_port()
-        self.api_port = self.api_port or free_port()
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve"],
-            env=self.env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-        )
-        log.close()
-        try:
-            wait_for_banner(self.ssh_port, timeout, self.proc)
-        except Exception:
-            self.stop()
-            raise RuntimeError("gateway did not start:\n" + self.log_tail()) from None
+    def stop_all(self) -> None:
+        for gw in reversed(self.started):
+            with contextlib.suppress(Exception):
+                gw.stop()
+        self.started.clear()
+
+    def __enter__(self) -> GatewayFactory:
         return self
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        code = self.proc.returncode
-        self.proc = None
-        return code
+    def __exit__(self, *exc: object) -> None:
+        self.stop_all()
 
-    def log_tail(self, lines: int = 60) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
 
-    def known_hosts_line(self) -> str:
-        keys = []
-        for name in ("ssh_host_ed25519_key.pub", "ssh_host_ecdsa_key.pub", "ssh_host_rsa_key.pub"):
-            parts = (self.state_dir / name).read_text().split()
-            keys.append(f"[127.0.0.1]:{self.ssh_port} {parts[0]} {parts[1]}")
-        return "\n".join(keys) + "\n"
+def client_for(gw: GatewayProcess, workdir: Path, port: int | None = None) -> SshClient:
+    """An OpenSSH client trusting ``gw``'s host keys (as they are now) at ``port``."""
+    port = port or gw.ssh_port
+    known = workdir / f"known_hosts-{port}-{time.monotonic_ns()}"
+    known.write_text(gw.known_hosts_line(port))
+    return SshClient(port=port, known_hosts=known, workdir=workdir)
 
 
 @dataclass
@@ -226,8 +178,6 @@ class TcpRelay:
     """A loopback TCP forwarder we can cut, to take a database away from a running gateway."""
 
     def __init__(self, target_host: str, target_port: int, url_template: str) -> None:
-        import threading
-
         self.target = (target_host, target_port)
         self.port = free_port()
         self.url = url_template.replace("{port}", str(self.port))
@@ -238,8 +188,6 @@ class TcpRelay:
 
     @classmethod
     def to_url(cls, url: str) -> TcpRelay:
-        from urllib.parse import urlsplit
-
         parts = urlsplit(url)
         host, port = parts.hostname or "127.0.0.1", parts.port or 5432
         netloc = parts.netloc.rsplit("@", 1)
@@ -248,8 +196,6 @@ class TcpRelay:
         return cls(host, port, template)
 
     def start(self) -> None:
-        import threading
-
         self._listener = socket.socket()
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind(("127.0.0.1", self.port))
@@ -257,8 +203,6 @@ class TcpRelay:
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
-        import threading
-
         assert self._listener is not None
         while not self._stopped:
             try:

@@ -1,24 +1,56 @@
-"""The asyncssh patch layer, against real asyncssh connections over loopback."""
+"""The asyncssh patch layer, against real asyncssh connections over loopback.
+
+Three kinds of tests:
+
+- the patched behaviour, in this process, after ``apply()`` (the ``patched`` fixture);
+- the start-up rules: the version check and where ``apply()`` is called;
+- canaries: asyncssh's *own* behaviour, observed in a fresh interpreter where ``apply()`` never
+  ran (``upstream`` fixture). Each fails when upstream no longer does what a patch corrects:
+  then the patch has become unnecessary or wrong, and must be re-read (see the module docstring
+  of gateway/asyncssh_patches.py).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import importlib
+import inspect
+import json
 import os
-from collections.abc import AsyncIterator
+import subprocess
+import sys
+import tomllib
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import asyncssh
 import pytest
 
-from gateway import asyncssh_patches
-from gateway.asyncssh_patches import signature_algorithm
+from gateway import asyncssh_patches, cli
+from gateway.asyncssh_patches import PATCHES, VERIFIED_ON, check_version, signature_algorithm
+from gateway.daemon import logs
+from gateway.errors import GatewayError, IncompatibleLibrary
 from gateway.ssh.algorithms import common_options
+from gateway.ssh.algorithms import signature_algs as signature_algs_offered
 
-asyncssh_patches.apply()
-
+REPO = Path(__file__).resolve().parents[2]
 GCM = ["aes128-gcm@openssh.com"]
 CBC = ["aes128-cbc"]
+BURST = 200  # small packets written in one event-loop turn
+STREAM_PACKETS = 64  # full 32 KiB data packets
+SINK_WINDOW = 256 * 1024
+
+
+@pytest.fixture(autouse=True, scope="module")
+def patched() -> None:
+    """The gateway's processes call apply() at start (gateway/cli.py); these tests do it here."""
+    asyncssh_patches.apply()
+
+
+# --- servers and probes, shared by the patched tests and the canaries -----------------------
 
 
 class _NoAuth(asyncssh.SSHServer):
@@ -29,6 +61,19 @@ class _NoAuth(asyncssh.SSHServer):
 
     def begin_auth(self, username: str) -> bool:
         return False
+
+
+class _AnyKey(asyncssh.SSHServer):
+    """Accepts every public key: only the signature check (and its algorithm) can refuse."""
+
+    def begin_auth(self, username: str) -> bool:
+        return True
+
+    def public_key_auth_supported(self) -> bool:
+        return True
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        return True
 
 
 async def _handle(process: asyncssh.SSHServerProcess[bytes]) -> None:
@@ -63,8 +108,8 @@ async def _handle(process: asyncssh.SSHServerProcess[bytes]) -> None:
         process.exit(0)
 
 
-@pytest.fixture
-async def server() -> AsyncIterator[tuple[int, list[str]]]:
+@contextlib.asynccontextmanager
+async def _serving() -> AsyncIterator[tuple[int, list[str]]]:
     key = asyncssh.generate_private_key("ssh-ed25519")
     options: Any = common_options()
     algs = GCM + CBC
@@ -78,9 +123,17 @@ async def server() -> AsyncIterator[tuple[int, list[str]]]:
         encoding=None,
         **options,
     )
-    yield acceptor.get_port(), algs
-    acceptor.close()
-    await acceptor.wait_closed()
+    try:
+        yield acceptor.get_port(), algs
+    finally:
+        acceptor.close()
+        await acceptor.wait_closed()
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[tuple[int, list[str]]]:
+    async with _serving() as served:
+        yield served
 
 
 async def _connect(port: int, cipher: list[str]) -> asyncssh.SSHClientConnection:
@@ -96,32 +149,8 @@ async def _connect(port: int, cipher: list[str]) -> asyncssh.SSHClientConnection
     )
 
 
-def test_signature_algorithm_name() -> None:
-    blob = asyncssh.packet.String(b"ssh-rsa") + asyncssh.packet.String(b"sig")
-    assert signature_algorithm(blob) == b"ssh-rsa"
-    assert signature_algorithm(b"\xff") is None
-
-
-def test_apply_is_idempotent() -> None:
-    send = asyncssh.connection.SSHConnection._send
-    asyncssh_patches.apply()
-    assert asyncssh.connection.SSHConnection._send is send
-
-
-async def test_large_echo_is_intact(server: tuple[int, list[str]]) -> None:
-    """4 MiB through both patched ends, in odd-sized writes: same bytes, same exit status."""
-    port, _ = server
-    payload = os.urandom(4 * 1024 * 1024 + 12345)
-    async with await _connect(port, GCM) as conn:
-        result = await conn.run("echo", input=payload, encoding=None)
-    assert result.exit_status == 3
-    assert result.stdout == payload
-    assert result.stderr == hashlib.sha256(payload).hexdigest().encode()
-
-
-async def test_one_transport_write_per_loop_turn(server: tuple[int, list[str]]) -> None:
-    """200 small packets written in one turn leave the server in very few transport writes."""
-    port, _ = server
+async def _transport_writes_for_burst(port: int, count: int) -> tuple[bytes, list[int]]:
+    """The server's transport writes while it answers with ``count`` packets in one turn."""
     _NoAuth.conns.clear()
     async with await _connect(port, GCM) as conn:
         await conn.run("true")  # warm up: the server connection now exists
@@ -135,32 +164,11 @@ async def test_one_transport_write_per_loop_turn(server: tuple[int, list[str]]) 
             original(data)
 
         transport.write = counting_write
-        result = await conn.run("burst 200", encoding=None)
+        result = await conn.run(f"burst {count}", encoding=None)
         transport.write = original
-    assert result.stdout == b"".join(b"%06d\n" % i for i in range(200))
-    # Unpatched asyncssh: >= 200 data packets (+ as many MSG_IGNORE) => >= 200 writes.
-    assert 1 <= len(calls) <= 20
-
-
-async def test_disconnect_reason_reaches_client(server: tuple[int, list[str]]) -> None:
-    """A DISCONNECT queued in the same turn as the abort is flushed first, reason and all."""
-    port, _ = server
-    conn = await _connect(port, GCM)
-    lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
-    owner: Any = conn.get_owner()
-
-    original = owner.connection_lost
-
-    def connection_lost(exc: Exception | None) -> None:
-        if not lost.done():
-            lost.set_result(exc)
-        original(exc)
-
-    owner.connection_lost = connection_lost
-    await conn.create_session(asyncssh.SSHClientSession, "bye-disconnect")
-    exc = await asyncio.wait_for(lost, 10)
-    assert isinstance(exc, asyncssh.DisconnectError)
-    assert exc.reason.startswith("closing on purpose")
+    stdout = result.stdout
+    assert isinstance(stdout, bytes)
+    return stdout, calls
 
 
 async def _packets_received(port: int, cipher: list[str], size: int) -> int:
@@ -169,29 +177,39 @@ async def _packets_received(port: int, cipher: list[str], size: int) -> int:
         client: Any = conn
         before = client._recv_seq
         result = await conn.run(f"stream {size}", encoding=None)
-        assert len(result.stdout) == size
-        return int(client._recv_seq - before)
+        assert result.stdout is not None and len(result.stdout) == size
+        packets = int(client._recv_seq - before)
+    return packets
 
 
-async def test_no_ignore_padding_with_gcm_but_kept_with_cbc(server: tuple[int, list[str]]) -> None:
-    port, _ = server
-    size = 64 * 32768  # 64 full data packets
-    gcm = await _packets_received(port, GCM, size)
-    cbc = await _packets_received(port, CBC, size)
-    # Each data packet is one packet with GCM; CBC keeps asyncssh's MSG_IGNORE before each.
-    assert gcm < 64 * 1.5
-    assert cbc > 64 * 1.9
-
-
-async def test_read_buffer_is_released_when_idle(server: tuple[int, list[str]]) -> None:
-    port, _ = server
-    async with await _connect(port, GCM) as conn:
-        result = await conn.run("stream 3000000", encoding=None)
-        assert len(result.stdout) == 3000000
-        await asyncio.sleep(0.05)
-        client: Any = conn
-        assert client._inpbuf == b""
-        assert client._rtgw_pos == 0
+async def _rsa_login(signature_algs: list[str] | None) -> bool:
+    """Does a server whose ``signature_algs`` leave out ssh-rsa let an RSA key log in, the
+    client signing with ``signature_algs`` (``["ssh-rsa"]``: SHA-1)?"""
+    host_key = asyncssh.generate_private_key("ssh-ed25519")
+    acceptor = await asyncssh.listen(
+        "127.0.0.1", 0, server_host_keys=[host_key], server_factory=_AnyKey, **common_options()
+    )
+    assert "ssh-rsa" not in signature_algs_offered()
+    user_key = asyncssh.generate_private_key("ssh-rsa", key_size=2048)
+    extra: dict[str, Any] = {} if signature_algs is None else {"signature_algs": signature_algs}
+    try:
+        async with asyncssh.connect(
+            "127.0.0.1",
+            acceptor.get_port(),
+            username="u",
+            known_hosts=None,
+            client_keys=[user_key],
+            agent_path=None,
+            config=None,
+            **extra,
+        ):
+            pass
+    except asyncssh.PermissionDenied:
+        return False
+    finally:
+        acceptor.close()
+        await acceptor.wait_closed()
+    return True
 
 
 class _SlowSink(asyncssh.SSHServerSession[bytes]):
@@ -224,8 +242,9 @@ class _SinkServer(_NoAuth):
         return _SlowSink()
 
 
-async def test_paused_channel_never_buffers_more_than_one_window() -> None:
-    window = 256 * 1024
+async def _slow_sink_peak(window: int) -> tuple[int, int]:
+    """16 MiB written into a channel whose reader takes one packet per resume, 30 times:
+    (bytes the reader got, most bytes ever buffered in the channel)."""
     key = asyncssh.generate_private_key("ssh-ed25519")
     acceptor = await asyncssh.listen(
         "127.0.0.1", 0, server_host_keys=[key], server_factory=_SinkServer, window=window
@@ -241,9 +260,285 @@ async def test_paused_channel_never_buffers_more_than_one_window() -> None:
                 sink.chan.resume_reading()
                 await asyncio.sleep(0.02)
                 peak = max(peak, sink.buffered())
-            assert sink.received > 0
-            assert peak <= window
             chan.close()
     finally:
         acceptor.close()
         await acceptor.wait_closed()
+    return sink.received, peak
+
+
+# --- the patched behaviour --------------------------------------------------------------------
+
+
+def test_signature_algorithm_name() -> None:
+    blob = asyncssh.packet.String(b"ssh-rsa") + asyncssh.packet.String(b"sig")
+    assert signature_algorithm(blob) == b"ssh-rsa"
+    assert signature_algorithm(b"\xff") is None
+
+
+def test_apply_is_idempotent() -> None:
+    send = asyncssh.connection.SSHConnection._send
+    asyncssh_patches.apply()
+    assert asyncssh.connection.SSHConnection._send is send
+
+
+async def test_a_sha1_rsa_user_signature_is_refused_while_sha2_logs_in() -> None:
+    assert await _rsa_login(["ssh-rsa"]) is False
+    assert await _rsa_login(None) is True  # rsa-sha2-*: the same key, the same server
+
+
+async def test_large_echo_is_intact(server: tuple[int, list[str]]) -> None:
+    """4 MiB through both patched ends, in odd-sized writes: same bytes, same exit status."""
+    port, _ = server
+    payload = os.urandom(4 * 1024 * 1024 + 12345)
+    async with await _connect(port, GCM) as conn:
+        result = await conn.run("echo", input=payload, encoding=None)
+    assert result.exit_status == 3
+    assert result.stdout == payload
+    assert result.stderr == hashlib.sha256(payload).hexdigest().encode()
+
+
+async def test_one_transport_write_per_loop_turn(server: tuple[int, list[str]]) -> None:
+    """200 small packets written in one turn leave the server in very few transport writes."""
+    port, _ = server
+    stdout, calls = await _transport_writes_for_burst(port, BURST)
+    assert stdout == b"".join(b"%06d\n" % i for i in range(BURST))
+    # Unpatched asyncssh: >= 200 data packets (+ as many MSG_IGNORE) => >= 200 writes.
+    assert 1 <= len(calls) <= 20
+
+
+async def test_disconnect_reason_reaches_client(server: tuple[int, list[str]]) -> None:
+    """A DISCONNECT queued in the same turn as the abort is flushed first, reason and all."""
+    port, _ = server
+    conn = await _connect(port, GCM)
+    lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+    owner: Any = conn.get_owner()
+
+    original = owner.connection_lost
+
+    def connection_lost(exc: Exception | None) -> None:
+        if not lost.done():
+            lost.set_result(exc)
+        original(exc)
+
+    owner.connection_lost = connection_lost
+    await conn.create_session(asyncssh.SSHClientSession, "bye-disconnect")
+    exc = await asyncio.wait_for(lost, 10)
+    assert isinstance(exc, asyncssh.DisconnectError)
+    assert exc.reason.startswith("closing on purpose")
+
+
+async def test_no_ignore_padding_with_gcm_but_kept_with_cbc(server: tuple[int, list[str]]) -> None:
+    port, _ = server
+    size = STREAM_PACKETS * 32768
+    gcm = await _packets_received(port, GCM, size)
+    cbc = await _packets_received(port, CBC, size)
+    # Each data packet is one packet with GCM; CBC keeps asyncssh's MSG_IGNORE before each.
+    assert gcm < STREAM_PACKETS * 1.5
+    assert cbc > STREAM_PACKETS * 1.9
+
+
+async def test_read_buffer_is_released_when_idle(server: tuple[int, list[str]]) -> None:
+    port, _ = server
+    async with await _connect(port, GCM) as conn:
+        result = await conn.run("stream 3000000", encoding=None)
+        assert result.stdout is not None and len(result.stdout) == 3000000
+        await asyncio.sleep(0.05)
+        client: Any = conn
+        assert client._inpbuf == b""
+        assert client._rtgw_pos == 0
+
+
+async def test_paused_channel_never_buffers_more_than_one_window() -> None:
+    received, peak = await _slow_sink_peak(SINK_WINDOW)
+    assert received > 0
+    assert peak <= SINK_WINDOW
+
+
+def test_every_patch_is_installed_once_apply_ran() -> None:
+    assert asyncssh_patches.applied()
+    assert [p.name for p in PATCHES if not p.installed()] == []
+
+
+# --- start-up: which asyncssh, and where apply() runs ----------------------------------------
+
+
+def test_patches_apply_silently_on_the_verified_asyncssh() -> None:
+    assert check_version(VERIFIED_ON) is None
+
+
+@pytest.mark.parametrize("found", ["2.24.0", "2.24.9", "2.24.10.post1"])
+def test_patches_apply_with_a_warning_on_another_patch_level(found: str) -> None:
+    warning = check_version(found, verified="2.24.1")
+    assert warning is not None
+    assert found in warning and "2.24.1" in warning and "VERIFIED_ON" in warning
+
+
+@pytest.mark.parametrize("found", ["2.25.0", "2.23.9", "3.24.1", "2.240.1", "unknown", ""])
+def test_patches_refuse_an_unverified_asyncssh_minor_version(found: str) -> None:
+    with pytest.raises(IncompatibleLibrary) as err:
+        check_version(found, verified="2.24.1")
+    assert isinstance(err.value, GatewayError)  # the CLI prints it and exits 1
+    message = str(err.value)
+    assert message.startswith(f"asyncssh {found} is installed but the gateway was verified on ")
+    assert "asyncssh 2.24.1" in message
+    assert '"asyncssh>=2.24.1,<2.25"' in message  # what to do
+    assert (err.value.library, err.value.found, err.value.verified) == ("asyncssh", found, "2.24.1")
+
+
+def test_the_pyproject_pin_allows_only_the_verified_series() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    pins = [d for d in project["dependencies"] if d.startswith("asyncssh")]
+    major, minor, _ = VERIFIED_ON.split(".")
+    assert pins == [f"asyncssh>={VERIFIED_ON},<{major}.{int(minor) + 1}"]
+
+
+def test_apply_refuses_an_unverified_asyncssh_before_patching_anything(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(asyncssh_patches, "_APPLIED", False)
+    monkeypatch.setattr(asyncssh, "__version__", "2.25.0")
+    before = [(p.target, attr, getattr(p.target, attr)) for p in PATCHES for attr in p.originals]
+    with pytest.raises(IncompatibleLibrary, match=r"asyncssh 2\.25\.0 is installed"):
+        asyncssh_patches.apply()
+    assert not asyncssh_patches.applied()
+    assert all(getattr(target, attr) is f for target, attr, f in before)
+
+
+def test_serve_refuses_to_start_on_an_unverified_asyncssh(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(asyncssh_patches, "_APPLIED", False)
+    monkeypatch.setattr(asyncssh, "__version__", "2.25.0")
+    monkeypatch.setattr(logs, "configure", lambda *args: None)  # leave logging alone
+    for name in [n for n in os.environ if n.startswith("RTGW_")]:
+        monkeypatch.delenv(name)
+    assert cli.main(["serve"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("runtools-gateway: asyncssh 2.25.0 is installed but the gateway")
+    assert not asyncssh_patches.applied()
+
+
+# --- canaries: asyncssh's own behaviour, in a process where apply() never ran ----------------
+
+
+# Importing these (and what they import) must not change asyncssh: only apply() does.
+IMPORTED_WITHOUT_PATCHING = (
+    "gateway.cli",
+    "gateway.ssh.server",
+    "gateway.daemon.lifecycle",
+    "gateway.daemon.supervisor",
+)
+
+
+def report_unpatched_asyncssh() -> None:
+    """Run by the ``upstream`` fixture in a fresh interpreter: one JSON line on stdout."""
+    import_errors = {}
+    for name in IMPORTED_WITHOUT_PATCHING:
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # reported by its own test; the canaries still run
+            import_errors[name] = repr(exc)
+    report: dict[str, Any] = {
+        "asyncssh": asyncssh.__version__,
+        "import_errors": import_errors,
+        "patched_by_imports": [p.name for p in PATCHES if p.installed()],
+    }
+    if not report["patched_by_imports"]:
+        report.update(asyncio.run(_observe_upstream()))
+    print(json.dumps(report))
+
+
+async def _observe_upstream() -> dict[str, Any]:
+    async with _serving() as (port, _):
+        _, writes = await _transport_writes_for_burst(port, BURST)
+        gcm_packets = await _packets_received(port, GCM, STREAM_PACKETS * 32768)
+    _, sink_peak = await _slow_sink_peak(SINK_WINDOW)
+    return {
+        "sha1_user_signature_accepted": await _rsa_login(["ssh-rsa"]),
+        "writes_for_burst": len(writes),
+        "packets_for_gcm_stream": gcm_packets,
+        "slow_sink_peak": sink_peak,
+    }
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[dict[str, Any]]:
+    code = "from tests.unit.test_asyncssh_patches import report_unpatched_asyncssh as r; r()"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    yield report
+
+
+def _canary(upstream: dict[str, Any], name: str, still_there: bool) -> None:
+    patch = asyncssh_patches.patch_named(name)
+    assert still_there, (
+        f"asyncssh {upstream.get('asyncssh', asyncssh.__version__)} no longer shows what patch "
+        f"{name!r} corrects ({patch.upstream}): the patch may be unnecessary or wrong; re-read "
+        f"it in gateway/asyncssh_patches.py, then drop or port it"
+    )
+
+
+def test_importing_the_entry_point_and_the_daemon_patches_nothing(
+    upstream: dict[str, Any],
+) -> None:
+    assert upstream["import_errors"] == {}
+    assert upstream["patched_by_imports"] == []
+
+
+def test_canary_upstream_still_accepts_sha1_rsa_user_signatures(upstream: dict[str, Any]) -> None:
+    _canary(upstream, "refuse-sha1-user-signatures", upstream["sha1_user_signature_accepted"])
+
+
+def test_canary_upstream_still_writes_once_per_packet(upstream: dict[str, Any]) -> None:
+    _canary(upstream, "coalesce-transport-writes", upstream["writes_for_burst"] >= BURST)
+
+
+def test_canary_upstream_still_reslices_the_receive_buffer_per_packet() -> None:
+    # Not observable from outside; the source of asyncssh's own methods (the registry keeps
+    # them) must still consume the buffer the way the patch assumes.
+    patch = asyncssh_patches.patch_named("receive-buffer-read-offset")
+    header = inspect.getsource(patch.original("_recv_pkthdr"))
+    body = inspect.getsource(patch.original("_recv_packet"))
+    still_there = (
+        "self._inpbuf = self._inpbuf[self._recv_blocksize:]" in header
+        and "self._inpbuf = self._inpbuf[rem:]" in body
+        and "rem = 4 + self._pktlen + self._recv_macsize - self._recv_blocksize" in body
+    )
+    _canary({}, patch.name, still_there)
+
+
+def test_canary_upstream_still_sends_ignore_before_every_gcm_packet(
+    upstream: dict[str, Any],
+) -> None:
+    packets = upstream["packets_for_gcm_stream"]
+    _canary(upstream, "ignore-padding-only-for-cbc", packets > STREAM_PACKETS * 1.9)
+
+
+def test_canary_upstream_still_overcredits_a_paused_channel(upstream: dict[str, Any]) -> None:
+    peak = upstream["slow_sink_peak"]
+    _canary(upstream, "window-credit-for-delivered-data", peak > 2 * SINK_WINDOW)
+
+
+def test_every_patch_keeps_asyncssh_own_functions_and_says_what_it_corrects() -> None:
+    names = [p.name for p in PATCHES]
+    assert len(set(names)) == len(names)
+    for patch in PATCHES:
+        assert patch.upstream.strip(), patch.name
+        for attr, original in patch.originals.items():
+            assert original is not None, f"{patch.name}: asyncssh has no {attr}"
+            assert original.__module__.startswith("asyncssh."), (patch.name, attr)
+            assert original.__qualname__.endswith(f".{attr}"), (patch.name, attr)
+
+
+def test_every_patch_has_a_canary() -> None:
+    source = inspect.getsource(sys.modules[__name__])
+    assert [
+        p.name
+        for p in PATCHES
+        if f'patch_named("{p.name}")' not in source
+        and f'_canary(upstream, "{p.name}"' not in source
+    ] == []

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import Config
+from gateway.config import Config, restart_required_changes
 from gateway.daemon import systemd
-from gateway.daemon.lifecycle import restart_only_changes
 from gateway.errors import ConfigError
 
 
@@ -71,4 +70,4 @@ def test_daemon_settings_parse_and_validate() -> None:
 def test_reload_names_the_settings_that_need_a_restart() -> None:
     old = Config.load(env={})
     new = Config.load(env={"RTGW_SSH_LISTEN": "0.0.0.0:22", "RTGW_SSH_MAX_AUTH_TRIES": "3"})
-    assert restart_only_changes(old, new) == ["ssh.listen"]
+    assert restart_required_changes(old, new) == ["ssh.listen"]

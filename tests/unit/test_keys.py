@@ -16,10 +16,14 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa
 from keystore.errors import InvalidInput, InvalidPublicKey
 from keystore.keys import (
     MAX_PUBLIC_KEY_CHARS,
+    MAX_RSA_BITS,
     MIN_RSA_BITS,
+    RSA_EXPONENT,
     ParsedKey,
     fingerprint_of_blob,
+    login_key_problem,
     parse_public_key,
+    rsa_problem,
 )
 
 SSH_KEYGEN = "/usr/bin/ssh-keygen"
@@ -550,6 +554,131 @@ def test_small_rsa_key_is_refused_naming_its_size(tmp_path: Path) -> None:
 
     assert "1024" in message and str(MIN_RSA_BITS) in message
     assert "ssh-keygen -t ed25519" in message
+
+
+# --------------------------------------------------------------------------- hostile RSA keys
+
+
+def fake_modulus(bits: int) -> int:
+    """An odd number of exactly ``bits`` bits: a public key need not be valid to be refused."""
+    return (1 << (bits - 1)) | (0x5DEECE66D << 64) | 1
+
+
+def rsa_numbers_line(bits: int, exponent: int = 65537, comment: str = "mallory@host") -> str:
+    """An OpenSSH public-key line for the RSA public numbers (exponent, fake modulus)."""
+    key = rsa.RSAPublicNumbers(exponent, fake_modulus(bits)).public_key()
+    raw = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return f"{raw.decode()} {comment}\n"
+
+
+HUGE_EXPONENT = (1 << 2999) | 0x10001  # ~3,000 bits, odd: as in issue 9
+
+
+@pytest.mark.parametrize("bits", [8193, 10240, 16384, 20000])
+def test_oversized_rsa_key_is_refused_naming_its_size(bits: int) -> None:
+    line = rsa_numbers_line(bits)
+    assert len(line) < MAX_PUBLIC_KEY_CHARS  # refused for its size in bits, not in characters
+
+    message = refused(line, "rsa_too_large")
+
+    assert str(bits) in message and str(MAX_RSA_BITS) in message
+    assert "ssh-keygen -t ed25519" in message
+
+
+def test_rsa_key_of_exactly_the_maximum_size_is_accepted() -> None:
+    parsed = parse_public_key(rsa_numbers_line(MAX_RSA_BITS))
+    assert (parsed.algorithm, parsed.bits) == ("ssh-rsa", MAX_RSA_BITS)
+
+
+@pytest.mark.parametrize(
+    ("exponent", "bits", "shown"),
+    [
+        (3, 2048, "3"),
+        (17, 4096, "17"),
+        (65539, 2048, "65539"),
+        ((1 << 31) - 1, 3072, str((1 << 31) - 1)),
+        (HUGE_EXPONENT, 4096, "a 3000-bit number"),
+    ],
+    ids=["e3", "e17", "e65539", "e2^31-1", "e3000bits"],
+)
+def test_rsa_key_with_an_exponent_other_than_65537_is_refused(
+    exponent: int, bits: int, shown: str
+) -> None:
+    message = refused(rsa_numbers_line(bits, exponent), "rsa_bad_exponent")
+
+    assert f"public exponent is {shown};" in message
+    assert str(RSA_EXPONENT) in message
+    assert str(HUGE_EXPONENT)[:12] not in message  # the huge exponent is never echoed
+
+
+def test_huge_key_with_a_bad_exponent_is_refused_for_its_size_first() -> None:
+    refused(rsa_numbers_line(16384, 3), "rsa_too_large")
+
+
+def test_hostile_rsa_key_in_pem_or_rfc4716_form_is_refused_too() -> None:
+    key = rsa.RSAPublicNumbers(65537, fake_modulus(16384)).public_key()
+    pem = key.public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+    refused(pem, "rsa_too_large")
+
+    body = rsa_numbers_line(4096, HUGE_EXPONENT).split()[1]
+    chunks = "\n".join(body[i : i + 70] for i in range(0, len(body), 70))
+    block = f"---- BEGIN SSH2 PUBLIC KEY ----\n{chunks}\n---- END SSH2 PUBLIC KEY ----\n"
+    refused(block, "rsa_bad_exponent")
+
+
+@pytest.mark.parametrize("bits", [2048, 4096])
+def test_real_rsa_keys_with_exponent_65537_are_accepted(bits: int) -> None:
+    # Built from a real modulus when cheap (2048); a 4096-bit modulus only needs its size here.
+    if bits == 2048:
+        key = rsa.generate_private_key(65537, 2048).public_key()
+        raw = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+        line = raw.decode() + " ci@runner"
+    else:
+        line = rsa_numbers_line(bits)
+
+    parsed = parse_public_key(line)
+
+    assert (parsed.algorithm, parsed.bits) == ("ssh-rsa", bits)
+    assert login_key_problem(asyncssh.import_public_key(line)) is None
+
+
+@pytest.mark.parametrize(
+    ("bits", "exponent", "code"),
+    [
+        (2048, 65537, None),
+        (4096, 65537, None),
+        (8192, 65537, None),
+        (1024, 65537, "rsa_too_small"),
+        (8193, 65537, "rsa_too_large"),
+        (16384, 65537, "rsa_too_large"),
+        (2048, 3, "rsa_bad_exponent"),
+        (4096, HUGE_EXPONENT, "rsa_bad_exponent"),
+    ],
+)
+def test_login_refuses_exactly_the_rsa_keys_registration_refuses(
+    bits: int, exponent: int, code: str | None
+) -> None:
+    line = rsa_numbers_line(bits, exponent)
+    key = asyncssh.import_public_key(line)  # what asyncssh hands validate_public_key
+
+    assert login_key_problem(key) == code == rsa_problem(bits, exponent)
+    if code is None:
+        parse_public_key(line)
+    else:
+        refused(line, code)
+
+
+def test_login_check_accepts_every_other_key_type_and_private_keys() -> None:
+    for alg in ("ssh-ed25519", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp521"):
+        private = asyncssh.generate_private_key(alg)
+        assert login_key_problem(private) is None
+        assert login_key_problem(asyncssh.import_public_key(private.export_public_key())) is None
+    private_rsa = asyncssh.generate_private_key("ssh-rsa", key_size=2048)
+    assert login_key_problem(private_rsa) is None
+    weak = asyncssh.generate_private_key("ssh-rsa", key_size=2048, exponent=3)
+    assert login_key_problem(weak) == "rsa_bad_exponent"
 
 
 def test_ed448_key_is_refused_as_unsupported() -> None:

@@ -5,11 +5,19 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 import structlog
 
+from gateway import asyncssh_patches
 from gateway.relay.session import ClientSide
 
 HIGH_WATER = 65536
+
+
+@pytest.fixture(autouse=True, scope="module")
+def patched() -> None:
+    """The relay runs on patched asyncssh in the gateway (gateway/cli.py calls apply())."""
+    asyncssh_patches.apply()
 
 
 class FakeClientChan:

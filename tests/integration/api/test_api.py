@@ -19,114 +19,30 @@ import urllib.error
 import urllib.request
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
+from gateway.lab.process import GatewayProcess
+from gateway.lab.seed import Tenant
 from keystore import db as keystore_db
 from keystore import keys as keyparse
 from keystore import orgs
 from keystore.api import ApiServer, serve_api
 from keystore.api.app import ROUTES
-from keystore.audit_events import AuditEvent
-from tests.api_support import (
+from tests.integration.api.support import (
+    MAX_BODY,
+    Api,
     ApiOrg,
+    Reply,
     make_org,
     private_pem,
     public_line,
     rsa_public_line,
 )
-from tests.conftest import Tenant
-from tests.support import REPO, GatewayProcess, SshClient
-
-pytestmark = pytest.mark.integration
-
-MAX_BODY = 65536
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: Mapping[str, str]
-    text: str
-
-    @property
-    def body(self) -> Any:
-        return json.loads(self.text) if self.text else None
-
-    @property
-    def code(self) -> str:
-        return str(self.body["error"]["code"])
-
-
-@dataclass
-class Api:
-    base: str
-    session: aiohttp.ClientSession
-    events: list[AuditEvent] = field(default_factory=list)
-
-    async def call(
-        self,
-        method: str,
-        path: str,
-        token: str | None = None,
-        *,
-        json_body: Any = None,
-        data: bytes | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> Reply:
-        sent = dict(headers or {})
-        if token is not None:
-            sent["Authorization"] = f"Bearer {token}"
-        if json_body is not None:
-            data = json.dumps(json_body).encode()
-            sent.setdefault("Content-Type", "application/json")
-        async with self.session.request(method, self.base + path, data=data, headers=sent) as resp:
-            return Reply(resp.status, resp.headers, await resp.text())
-
-
-@pytest.fixture(scope="module")
-async def pool(database_url: str) -> AsyncIterator[Any]:
-    p = await keystore_db.create_pool(database_url, min_size=1, max_size=8)
-    yield p
-    await p.close()
-
-
-async def _boom(request: web.Request) -> web.Response:
-    raise RuntimeError("secret internal detail /etc/shadow")
-
-
-@pytest.fixture(scope="module")
-async def api(pool: Any) -> AsyncIterator[Api]:
-    events: list[AuditEvent] = []
-    server = await serve_api(
-        pool,
-        host="127.0.0.1",
-        port=0,
-        max_body_bytes=MAX_BODY,
-        record_audit=events.append,
-        extra_routes=[web.get("/boom", _boom)],
-        rate_per_second=1000.0,
-        rate_burst=1000,
-    )
-    assert server.port > 0
-    async with aiohttp.ClientSession() as session:
-        yield Api(f"http://127.0.0.1:{server.port}", session, events)
-    await server.close()
-
-
-@pytest.fixture
-async def org(pool: Any) -> ApiOrg:
-    return await make_org(pool)
-
-
-@pytest.fixture
-async def admin(org: ApiOrg) -> str:
-    return (await org.api_key(["*"], name="admin"))[0]
+from tests.integration.support import REPO, SshClient
 
 
 async def register(api: Api, token: str, line: str | None = None, **extra: Any) -> Reply:
@@ -1058,7 +974,7 @@ def _cli_api_key(database_url: str, slug: str, *scopes: str) -> subprocess.Compl
 def test_a_key_registered_through_the_api_opens_ssh_at_once_and_a_deleted_one_is_refused_at_once(
     gateway: GatewayProcess, ssh_client: SshClient, tenant: Tenant, database_url: str
 ) -> None:
-    from tests.support import make_key
+    from gateway.lab.user_keys import make_key
 
     # The operator makes the org's first API key with the CLI; the secret is all of stdout.
     cli = _cli_api_key(database_url, tenant.slug, "ssh-key:*")

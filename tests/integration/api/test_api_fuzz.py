@@ -31,9 +31,7 @@ from keystore import orgs
 from keystore.api import ApiServer, serve_api
 from keystore.api.app import ROUTES
 from keystore.audit_events import AuditEvent
-from tests.api_support import make_org, public_line
-
-pytestmark = pytest.mark.integration
+from tests.integration.api.support import make_org, public_line
 
 # Bounded so the file runs in well under a minute; RTGW_FUZZ_EXAMPLES=500 for a deeper hunt.
 MAX_EXAMPLES = int(os.environ.get("RTGW_FUZZ_EXAMPLES", "50"))

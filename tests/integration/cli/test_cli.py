@@ -8,14 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import asyncpg
 import pytest
 
+from gateway.lab.seed import unique
+from gateway.lab.user_keys import make_key
 from keystore import db as keystore_db
 from keystore.migrate import load_migrations, migrate
-from tests.support import REPO, make_key, unique
-
-pytestmark = pytest.mark.integration
+from tests.integration.support import REPO
 
 
 def cli(
@@ -160,30 +159,18 @@ def test_upstream_key_prints_the_line_sandboxes_must_trust(
     assert cli(database_url, "upstream-key", state_dir=tmp_path / "state").stdout == r.stdout
 
 
-def test_two_migrators_at_once_apply_each_migration_once(database_url: str) -> None:
-    name = unique("mig").replace("-", "_")
-
+def test_two_migrators_at_once_apply_each_migration_once(empty_database: str) -> None:
     async def go() -> list[int]:
-        admin = await asyncpg.connect(database_url)
-        await admin.execute(f'CREATE DATABASE "{name}"')
-        url = database_url.rsplit("/", 1)[0] + "/" + name
-        try:
+        async def one() -> list[str]:
+            async with keystore_db.connect(empty_database) as conn:
+                return await migrate(conn)
 
-            async def one() -> list[str]:
-                async with keystore_db.connect(url) as conn:
-                    return await migrate(conn)
-
-            a, b = await asyncio.gather(one(), one())
-            assert sorted(a + b) == [m.name for m in load_migrations()]
-            async with keystore_db.connect(url) as conn:
-                again = await migrate(conn)
-                assert again == []
-                return [
-                    r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")
-                ]
-        finally:
-            await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-            await admin.close()
+        a, b = await asyncio.gather(one(), one())
+        assert sorted(a + b) == [m.name for m in load_migrations()]
+        async with keystore_db.connect(empty_database) as conn:
+            again = await migrate(conn)
+            assert again == []
+            return [r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")]
 
     versions = asyncio.run(go())
     assert versions == [m.version for m in load_migrations()]

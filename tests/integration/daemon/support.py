@@ -1,22 +1,16 @@
-"""Helpers for the daemon tests: a real NOTIFY_SOCKET, gateways started by READY=1, log parsing."""
+"""Helpers for the daemon tests: a real NOTIFY_SOCKET, gateways started by READY=1, HTTP."""
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import signal
 import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from tests.support import REPO, GatewayProcess, SshClient, free_port
+from gateway.lab.process import GatewayProcess
 
 
 class NotifySocket:
@@ -66,101 +60,21 @@ class NotifySocket:
         self.path.unlink(missing_ok=True)
 
 
-def fresh_state(base: Path, shared_state: Path, name: str) -> Path:
-    """A state dir with the shared upstream identity (sandboxes trust it) and host keys."""
-    path = base / name
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    for item in shared_state.iterdir():
-        if item.name.startswith(("ssh_host_", "upstream_")):
-            shutil.copy2(item, path / item.name)
-    return path
-
-
+@dataclass
 class NotifiedGateway(GatewayProcess):
-    """The gateway as a subprocess, considered started when it sends READY=1."""
+    """The gateway as a subprocess, considered started when it sends READY=1 to ``notify``."""
 
     notify: NotifySocket | None = None
-    argv_prefix: list[str] | None = None
-    pass_fds: tuple[int, ...] = ()
-    config_file: Path | None = None
 
-    def start(self, timeout: float = 60.0) -> NotifiedGateway:
+    start_timeout = 60.0
+
+    def env(self) -> dict[str, str]:
+        assert self.notify is not None, "NotifiedGateway needs a NotifySocket"
+        return {**super().env(), "NOTIFY_SOCKET": str(self.notify.path)}
+
+    def wait_ready(self, timeout: float) -> None:
         assert self.notify is not None
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.ssh_port = self.ssh_port or free_port()
-        self.api_port = self.api_port or free_port()
-        env = self.env()
-        env["NOTIFY_SOCKET"] = str(self.notify.path)
-        args = [sys.executable, "-m", "gateway"]
-        if self.config_file is not None:
-            args += ["--config", str(self.config_file)]
-        args.append("serve")
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [*(self.argv_prefix or []), *args],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-            pass_fds=self.pass_fds,
-        )
-        log.close()
-        try:
-            self.notify.wait_for("READY", "1", timeout)
-        except TimeoutError:
-            self.stop(signal.SIGKILL)
-            raise RuntimeError("gateway never sent READY=1:\n" + self.log_tail()) from None
-        return self
-
-    def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        out = []
-        for line in self.log_path.read_text(errors="replace").splitlines():
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(event, dict) and (name is None or event.get("event") == name):
-                out.append(event)
-        return out
-
-    def wait_event(
-        self,
-        name: str,
-        pred: Callable[[dict[str, Any]], bool] = lambda e: True,
-        timeout: float = 15,
-    ) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for event in self.events(name):
-                if pred(event):
-                    return event
-            time.sleep(0.05)
-        raise TimeoutError(f"no {name} log event within {timeout} s:\n{self.log_tail()}")
-
-
-def start_gateway(
-    database_url: str,
-    state: Path,
-    notify: NotifySocket,
-    env: dict[str, str] | None = None,
-    **kwargs: Any,
-) -> NotifiedGateway:
-    gw = NotifiedGateway(database_url=database_url, state_dir=state, env_extra=dict(env or {}))
-    gw.notify = notify
-    for key, value in kwargs.items():
-        setattr(gw, key, value)
-    return gw.start()
-
-
-def client_for(gw: GatewayProcess, workdir: Path, port: int | None = None) -> SshClient:
-    port = port or gw.ssh_port
-    known = workdir / f"known_hosts-{port}-{time.monotonic_ns()}"
-    keys = []
-    for name in ("ssh_host_ed25519_key.pub", "ssh_host_ecdsa_key.pub", "ssh_host_rsa_key.pub"):
-        parts = (gw.state_dir / name).read_text().split()
-        keys.append(f"[127.0.0.1]:{port} {parts[0]} {parts[1]}")
-    known.write_text("\n".join(keys) + "\n")
-    return SshClient(port=port, known_hosts=known, workdir=workdir)
+        self.notify.wait_for("READY", "1", timeout)
 
 
 def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, bytes]:

@@ -7,42 +7,25 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Tenant, run_db
-from tests.integration.daemon_support import (
-    NotifiedGateway,
-    NotifySocket,
-    client_for,
-    fresh_state,
-    http_get,
-    start_gateway,
-)
-from tests.support import REPO, free_port, make_key
-
-pytestmark = pytest.mark.integration
+from gateway.lab.process import free_port
+from gateway.lab.seed import Tenant, run_db
+from gateway.lab.user_keys import make_key
+from tests.integration.daemon.support import NotifiedGateway, http_get
+from tests.integration.support import REPO, client_for
 
 
 @pytest.fixture(scope="module")
-def observed(
-    database_url: str, state_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[NotifiedGateway]:
-    tmp = tmp_path_factory.mktemp("observed")
-    notify = NotifySocket(tmp)
-    gw = start_gateway(
-        database_url,
-        fresh_state(tmp, state_dir, "state"),
-        notify,
-        {"RTGW_METRICS_LISTEN": f"127.0.0.1:{free_port()}"},
-    )
+def observed(module_start_gateway: Callable[..., NotifiedGateway]) -> Iterator[NotifiedGateway]:
+    gw = module_start_gateway({"RTGW_METRICS_LISTEN": f"127.0.0.1:{free_port()}"})
     yield gw
     assert gw.stop() == 0
-    notify.close()
 
 
 def _http_port(gw: NotifiedGateway) -> int:
@@ -88,11 +71,14 @@ def test_health_endpoints(observed: NotifiedGateway) -> None:
     assert status == 200 and json.loads(body)["status"] == "alive"
     status, body = http_get(port, "/readyz")
     assert status == 200, body
-    assert json.loads(body)["checks"] == {
+    ready = json.loads(body)
+    assert ready["checks"] == {
         "database": True,
         "listeners": True,
         "not_draining": True,
+        "revocation": True,  # strict mode (the default): the access-change listener is up
     }
+    assert ready["revocation"] == {"mode": "strict", "listener": "listening", "healthy": True}
 
 
 def test_login_refusal_and_session_end_are_audited_and_counted(

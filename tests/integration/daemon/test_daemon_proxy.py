@@ -6,21 +6,14 @@ import json
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Tenant, run_db
-from tests.integration.daemon_support import (
-    NotifiedGateway,
-    NotifySocket,
-    client_for,
-    fresh_state,
-    start_gateway,
-)
-
-pytestmark = pytest.mark.integration
+from gateway.lab.seed import Tenant, run_db
+from tests.integration.daemon.support import NotifiedGateway
+from tests.integration.support import client_for
 
 # ProxyCommand: connect from SOURCE_IP, send a PROXY header claiming CLAIMED:PORT, then relay.
 RELAY = """
@@ -45,24 +38,16 @@ while data := s.recv(65536):
 
 
 @pytest.fixture(scope="module")
-def proxied(
-    database_url: str, state_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[NotifiedGateway]:
-    tmp = tmp_path_factory.mktemp("proxy")
-    notify = NotifySocket(tmp)
-    gw = start_gateway(
-        database_url,
-        fresh_state(tmp, state_dir, "state"),
-        notify,
+def proxied(module_start_gateway: Callable[..., NotifiedGateway]) -> Iterator[NotifiedGateway]:
+    gw = module_start_gateway(
         {
             "RTGW_SSH_PROXY_PROTOCOL": "optional",
             "RTGW_SSH_PROXY_TRUSTED_CIDRS": "127.0.0.1/32",
             "RTGW_SSH_PROXY_HEADER_TIMEOUT_SECONDS": "2",
-        },
+        }
     )
     yield gw
     assert gw.stop() == 0
-    notify.close()
 
 
 def _ssh_via(

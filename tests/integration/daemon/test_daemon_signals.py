@@ -6,22 +6,16 @@ import json
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
+from gateway.lab.process import free_port
+from gateway.lab.seed import Tenant, run_db
+from tests.integration.daemon.support import NotifiedGateway, NotifySocket, http_get
+from tests.integration.support import client_for
 
-from tests.conftest import Tenant, run_db
-from tests.integration.daemon_support import (
-    NotifySocket,
-    client_for,
-    fresh_state,
-    http_get,
-    start_gateway,
-)
-from tests.support import free_port
-
-pytestmark = pytest.mark.integration
+StartGateway = Callable[..., NotifiedGateway]
 
 
 def _session_starts(gw: Any) -> int:
@@ -36,11 +30,10 @@ def _wait_sessions(gw: Any, n: int, timeout: float = 15.0) -> None:
 
 
 def test_sighup_keeps_live_sessions_and_serves_the_new_host_key(
-    database_url: str, state_dir: Path, tmp_path: Path, tenant: Tenant
+    tmp_path: Path, tenant: Tenant, notify: NotifySocket, start_gateway: StartGateway
 ) -> None:
-    notify = NotifySocket(tmp_path)
-    state = fresh_state(tmp_path, state_dir, "state")
-    gw = start_gateway(database_url, state, notify)
+    gw = start_gateway()
+    state = gw.state_dir
     try:
         assert gw.proc is not None
         old = client_for(gw, tmp_path)
@@ -96,19 +89,18 @@ def test_sighup_keeps_live_sessions_and_serves_the_new_host_key(
         assert gw.stop() == 0
     finally:
         gw.stop()
-        notify.close()
 
 
 def test_sigterm_drains_tells_users_and_ends_sessions_at_the_deadline(
-    database_url: str, state_dir: Path, tmp_path: Path, tenant: Tenant
+    database_url: str,
+    tmp_path: Path,
+    tenant: Tenant,
+    notify: NotifySocket,
+    start_gateway: StartGateway,
 ) -> None:
-    notify = NotifySocket(tmp_path)
     http = free_port()
     gw = start_gateway(
-        database_url,
-        fresh_state(tmp_path, state_dir, "state"),
-        notify,
-        {"RTGW_SSH_DRAIN_TIMEOUT_SECONDS": "2", "RTGW_METRICS_LISTEN": f"127.0.0.1:{http}"},
+        {"RTGW_SSH_DRAIN_TIMEOUT_SECONDS": "2", "RTGW_METRICS_LISTEN": f"127.0.0.1:{http}"}
     )
     client = client_for(gw, tmp_path)
     base = [
@@ -152,7 +144,6 @@ def test_sigterm_drains_tells_users_and_ends_sessions_at_the_deadline(
         assert gw.proc.wait(30) == 0
     finally:
         gw.stop()
-        notify.close()
 
     rows = run_db(
         database_url,

@@ -9,20 +9,17 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Tenant
-from tests.integration.daemon_support import (
-    NotifySocket,
-    client_for,
-    fresh_state,
-    start_gateway,
-)
-from tests.support import REPO, free_port
+from gateway.lab.process import free_port
+from gateway.lab.seed import Tenant
+from tests.integration.daemon.support import NotifiedGateway, NotifySocket
+from tests.integration.support import REPO, client_for
 
-pytestmark = pytest.mark.integration
+StartGateway = Callable[..., NotifiedGateway]
 
 # A stand-in for systemd's exec step: the socket at fd 3, LISTEN_FDS=1, LISTEN_PID = our pid.
 ACTIVATE = """
@@ -36,15 +33,9 @@ os.execv(sys.argv[2], sys.argv[2:])
 
 
 def test_notify_ready_watchdog_reload_and_stopping(
-    database_url: str, state_dir: Path, tmp_path: Path, tenant: Tenant
+    tmp_path: Path, tenant: Tenant, notify: NotifySocket, start_gateway: StartGateway
 ) -> None:
-    notify = NotifySocket(tmp_path)
-    gw = start_gateway(
-        database_url,
-        fresh_state(tmp_path, state_dir, "state"),
-        notify,
-        {"WATCHDOG_USEC": "1500000"},  # WatchdogSec=1.5s: pings due every < 0.75 s
-    )
+    gw = start_gateway({"WATCHDOG_USEC": "1500000"})  # WatchdogSec=1.5s: pings every < 0.75 s
     try:
         assert gw.proc is not None
         seen = notify.seen
@@ -72,11 +63,10 @@ def test_notify_ready_watchdog_reload_and_stopping(
         assert gw.proc.wait(30) == 0
     finally:
         gw.stop()
-        notify.close()
 
 
 def test_socket_activation_serves_the_passed_socket(
-    database_url: str, state_dir: Path, tmp_path: Path, tenant: Tenant
+    tmp_path: Path, tenant: Tenant, start_gateway: StartGateway
 ) -> None:
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -85,12 +75,8 @@ def test_socket_activation_serves_the_passed_socket(
     port = listener.getsockname()[1]
     fd = listener.fileno()
     unused = free_port()
-    notify = NotifySocket(tmp_path)
     wrapper = [sys.executable, "-c", ACTIVATE, str(fd)]
     gw = start_gateway(
-        database_url,
-        fresh_state(tmp_path, state_dir, "state"),
-        notify,
         ssh_port=unused,  # ssh.listen says this port; the passed socket must win
         argv_prefix=wrapper,
         pass_fds=(fd,),
@@ -106,7 +92,6 @@ def test_socket_activation_serves_the_passed_socket(
             pass
     finally:
         assert gw.stop() == 0
-        notify.close()
 
 
 @pytest.fixture(scope="module")

@@ -5,23 +5,16 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import Tenant
-from tests.integration.daemon_support import (
-    NotifySocket,
-    client_for,
-    fresh_state,
-    http_get,
-    start_gateway,
-)
-from tests.support import free_port
-
-pytestmark = pytest.mark.integration
+from gateway.lab.process import free_port
+from gateway.lab.seed import Tenant
+from tests.integration.daemon.support import NotifiedGateway, NotifySocket, http_get
+from tests.integration.support import client_for
 
 
 def _children(pid: int) -> set[int]:
@@ -30,16 +23,13 @@ def _children(pid: int) -> set[int]:
 
 
 def test_two_workers_share_the_port_and_both_serve(
-    database_url: str, state_dir: Path, tmp_path: Path, tenant: Tenant
+    tmp_path: Path,
+    tenant: Tenant,
+    notify: NotifySocket,
+    start_gateway: Callable[..., NotifiedGateway],
 ) -> None:
-    notify = NotifySocket(tmp_path)
     http = free_port()
-    gw = start_gateway(
-        database_url,
-        fresh_state(tmp_path, state_dir, "state"),
-        notify,
-        {"RTGW_PROCESS_WORKERS": "2", "RTGW_METRICS_LISTEN": f"127.0.0.1:{http}"},
-    )
+    gw = start_gateway({"RTGW_PROCESS_WORKERS": "2", "RTGW_METRICS_LISTEN": f"127.0.0.1:{http}"})
     try:
         assert gw.proc is not None
         supervisor = gw.proc.pid
@@ -99,4 +89,3 @@ def test_two_workers_share_the_port_and_both_serve(
         assert not any(Path(f"/proc/{p}").exists() for p in now)
     finally:
         gw.stop()
-        notify.close()

@@ -1,4 +1,5 @@
-"""``bench/run.py --smoke`` runs end to end and prints its table. Never a timing threshold."""
+"""``python -m bench.run --smoke`` (as ``scripts/bench --smoke`` runs it) works end to end and
+prints its table. Never a timing threshold."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.support import REPO
+from tests.integration.support import REPO
 
 
 def test_bench_smoke_prints_the_table(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, "bench/run.py", "--smoke", "--json", str(out)],
+        [sys.executable, "-m", "bench.run", "--smoke", "--json", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,

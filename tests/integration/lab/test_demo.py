@@ -12,11 +12,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import pytest
-
-from tests.support import REPO, free_port, make_key
-
-pytestmark = pytest.mark.integration
+from gateway.lab.process import free_port
+from gateway.lab.user_keys import UserKey
+from tests.integration.support import REPO
 
 
 class Output:
@@ -58,8 +56,8 @@ class Output:
         raise AssertionError(f"no {marker!r} in demo output:\n" + "\n".join(self.lines))
 
 
-def test_demo_starts_lets_the_user_in_and_stops_cleanly(tmp_path: Path) -> None:
-    key = make_key(tmp_path, "me")
+def test_demo_starts_lets_the_user_in_and_stops_cleanly(user_key: UserKey) -> None:
+    key = user_key
     port = free_port()
     before = set(glob.glob(os.path.join(tempfile.gettempdir(), "rtgw-*")))
     proc = subprocess.Popen(

@@ -15,8 +15,7 @@ import pytest
 import gateway.lab.postgres
 from gateway.lab.postgres import ThrowawayCluster
 from gateway.lab.sandbox_sshd import SandboxSshd
-
-pytestmark = pytest.mark.integration
+from gateway.lab.user_keys import make_key
 
 # The cluster and the sshd keep their temp dirs in the system temp dir (the default), not in
 # tmp_path: as root, `postgres` and `rtsandbox` must traverse the parents, and every pytest run
@@ -40,12 +39,7 @@ def _process_gone(pid: int) -> bool:
 
 
 def _keygen(path: Path) -> str:
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "lab-test", "-f", str(path)],
-        check=True,
-        timeout=30,
-    )
-    return path.with_name(path.name + ".pub").read_text().strip()
+    return make_key(path.parent, path.name, comment="lab-test").public_line
 
 
 def _ssh(

@@ -5,17 +5,19 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import socket
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from gateway.lab.process import GatewayProcess, free_port
 from gateway.lab.sandbox_sshd import SandboxSshd
-from tests.conftest import Tenant
-from tests.support import GatewayProcess, SshClient, make_key, unique
-
-pytestmark = pytest.mark.integration
+from gateway.lab.seed import Tenant, Upstream, unique
+from gateway.lab.user_keys import make_key
+from tests.integration.support import GatewayFactory, SshClient, TcpRelay, client_for
 
 
 def sha256(data: bytes) -> str:
@@ -273,10 +275,6 @@ def test_stdio_forwarding_opens_tcp_from_inside_the_sandbox(
 def test_local_port_forwarding_reaches_a_service_in_the_sandbox(
     ssh_client: SshClient, tenant: Tenant, sandbox_sshd: SandboxSshd
 ) -> None:
-    import socket
-
-    from tests.support import free_port
-
     local = free_port()
     proc = subprocess.Popen(
         [
@@ -368,21 +366,16 @@ def test_too_many_refused_keys_end_the_connection(
 
 
 def test_bad_login_name_is_refused_without_a_database_query(
-    database_url: str, workdir: Path, tmp_path: Path
+    database_url: str, gateway_factory: GatewayFactory, tmp_path: Path
 ) -> None:
     # A gateway whose database goes away after start: a well-formed login then hits the
     # database and is refused as "keystore unavailable"; a malformed one never gets that far.
-    from tests.support import TcpRelay
-
     relay = TcpRelay.to_url(database_url)
     relay.start()
-    state = tmp_path / "state"
-    proc = GatewayProcess(database_url=relay.url, state_dir=state).start()
+    proc = gateway_factory(database_url=relay.url, state_dir=tmp_path / "state")
     try:
         key = make_key(tmp_path, "k")
-        known = tmp_path / "kh"
-        known.write_text(proc.known_hosts_line())
-        client = SshClient(port=proc.ssh_port, known_hosts=known, workdir=tmp_path)
+        client = client_for(proc, tmp_path)
         relay.stop()
         for bad in [
             "root",
@@ -420,17 +413,12 @@ def test_stopped_sandbox_says_so_on_stderr_and_exits_nonzero(
 def test_upstream_host_key_mismatch_is_refused(
     ssh_client: SshClient,
     tenant: Tenant,
-    sandbox_sshd: SandboxSshd,
+    sandbox_upstream: Upstream,
     tmp_path: Path,
     gateway: GatewayProcess,
 ) -> None:
     impostor = make_key(tmp_path, "impostor").public_line.rsplit(" ", 1)[0]
-    sid = tenant.add_sandbox(
-        host=sandbox_sshd.host,
-        port=sandbox_sshd.port,
-        user=sandbox_sshd.login_user,
-        host_keys=[impostor],
-    )
+    sid = tenant.add_sandbox(replace(sandbox_upstream, host_keys=(impostor,)))
     r = ssh_client.ssh(tenant.key, sid, "echo should-not-run")
     assert r.returncode == 255
     assert r.stdout == b""
@@ -443,16 +431,9 @@ def test_upstream_host_key_mismatch_is_refused(
 
 
 def test_upstream_down_answers_within_the_timeout(
-    ssh_client: SshClient, tenant: Tenant, sandbox_sshd: SandboxSshd
+    ssh_client: SshClient, tenant: Tenant, sandbox_upstream: Upstream
 ) -> None:
-    from tests.support import free_port
-
-    sid = tenant.add_sandbox(
-        host="127.0.0.1",
-        port=free_port(),
-        user=sandbox_sshd.login_user,
-        host_keys=[sandbox_sshd.host_key_line],
-    )
+    sid = tenant.add_sandbox(replace(sandbox_upstream, host="127.0.0.1", port=free_port()))
     t0 = time.monotonic()
     r = ssh_client.ssh(tenant.key, sid, "echo hi")
     elapsed = time.monotonic() - t0
@@ -463,21 +444,15 @@ def test_upstream_down_answers_within_the_timeout(
 
 
 def test_unresponsive_upstream_answers_within_the_configured_timeout(
-    ssh_client: SshClient, tenant: Tenant, sandbox_sshd: SandboxSshd
+    ssh_client: SshClient, tenant: Tenant, sandbox_upstream: Upstream
 ) -> None:
-    import socket
-
     # A listener that accepts TCP but never speaks SSH: the gateway's 3 s test timeout applies.
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(16)
     try:
-        sid = tenant.add_sandbox(
-            host="127.0.0.1",
-            port=silent.getsockname()[1],
-            user=sandbox_sshd.login_user,
-            host_keys=[sandbox_sshd.host_key_line],
-        )
+        port = silent.getsockname()[1]
+        sid = tenant.add_sandbox(replace(sandbox_upstream, host="127.0.0.1", port=port))
         t0 = time.monotonic()
         r = ssh_client.ssh(tenant.key, sid, "echo hi")
         elapsed = time.monotonic() - t0

@@ -11,10 +11,8 @@ import time
 
 import pytest
 
-from tests.conftest import Tenant
-from tests.support import SshClient, unique
-
-pytestmark = pytest.mark.integration
+from gateway.lab.seed import Tenant, unique
+from tests.integration.support import SshClient
 
 
 def _wait(predicate, timeout: float, interval: float = 0.1) -> bool:  # type: ignore[no-untyped-def]

@@ -5,20 +5,21 @@ from __future__ import annotations
 import os
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import Tenant
-from tests.support import GatewayProcess, SshClient, make_key, unique
-
-pytestmark = pytest.mark.integration
+from gateway.lab.process import GatewayProcess
+from gateway.lab.seed import Tenant, run_db, unique
+from gateway.lab.user_keys import make_key
+from tests.integration.support import GatewayFactory, SshClient
 
 
 def test_sha1_rsa_signature_is_refused_while_sha2_opens(
     ssh_client: SshClient, tenant: Tenant, tmp_path
 ) -> None:  # type: ignore[no-untyped-def]
     rsa = make_key(tmp_path, unique("rsa"), "rsa", 3072)
-    tenant.register(rsa, "rsa key")
+    tenant.register(rsa.public_line, "rsa key")
     sha2 = ssh_client.ssh(
         rsa, tenant.sandbox_id, "echo in", options=["-o", "PubkeyAcceptedAlgorithms=rsa-sha2-256"]
     )
@@ -116,12 +117,10 @@ def test_a_huge_login_name_is_refused_and_logged_safely(
     _still_serves(ssh_client, tenant)
 
 
-def test_a_silent_client_is_cut_off_at_the_login_timeout(database_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    proc = GatewayProcess(
-        database_url=database_url,
-        state_dir=tmp_path / "state",
-        env_extra={"RTGW_SSH_LOGIN_TIMEOUT_SECONDS": "2"},
-    ).start()
+def test_a_silent_client_is_cut_off_at_the_login_timeout(
+    gateway_factory: GatewayFactory, tmp_path: Path
+) -> None:
+    proc = gateway_factory({"RTGW_SSH_LOGIN_TIMEOUT_SECONDS": "2"}, state_dir=tmp_path / "state")
     try:
         with socket.create_connection(("127.0.0.1", proc.ssh_port), timeout=10) as s:
             s.recv(256)
@@ -140,7 +139,6 @@ def test_a_silent_client_is_cut_off_at_the_login_timeout(database_url: str, tmp_
 
 def test_last_used_is_recorded_after_a_login(ssh_client: SshClient, tenant: Tenant) -> None:
     from keystore import ssh_keys
-    from tests.conftest import run_db
 
     assert ssh_client.ssh(tenant.key, tenant.sandbox_id, "true").returncode == 0
 
