@@ -385,6 +385,19 @@ def _install_window_credit(patch: Patch) -> None:
     cls._deliver_data = _deliver_data
 
 
+def _install_userauth_failure_hook(patch: Patch) -> None:
+    original = patch.original("send_userauth_failure")
+
+    def send_userauth_failure(self: Any, partial_success: bool) -> None:
+        original(self, partial_success)
+        hook = getattr(self._owner, "userauth_failed", None)
+        if hook is not None:
+            hook()
+
+    cls: Any = patch.target
+    cls.send_userauth_failure = send_userauth_failure
+
+
 _CONN = asyncssh.connection.SSHConnection
 
 PATCHES: tuple[Patch, ...] = (
@@ -437,6 +450,18 @@ PATCHES: tuple[Patch, ...] = (
         target=asyncssh.channel.SSHChannel,
         originals=_originals(asyncssh.channel.SSHChannel, "_deliver_data"),
         install=_install_window_credit,
+    ),
+    Patch(
+        name="userauth-failure-hook",
+        upstream=(
+            "SSHServer has no callback for a failed authentication attempt: bad signatures, "
+            "certificates, unknown key blobs and 'none' requests are answered with "
+            "USERAUTH_FAILURE without the owner hearing of it, so MaxAuthTries cannot count "
+            "them; the owner's userauth_failed() is now called after each USERAUTH_FAILURE"
+        ),
+        target=_CONN,
+        originals=_originals(_CONN, "send_userauth_failure"),
+        install=_install_userauth_failure_hook,
     ),
 )
 

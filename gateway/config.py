@@ -54,7 +54,9 @@ class SshConfig:
     login_timeout_seconds: float = 30.0
     max_auth_tries: int = 6
     max_sessions_per_connection: int = 10
-    max_unauthenticated: int = 100
+    # Connections not yet authenticated, gateway-wide (per process): the "full" mark of the
+    # random early drop in [admission]; at it every new connection is dropped.
+    max_unauthenticated: int = 1000
     keepalive_interval_seconds: float = 30.0
     keepalive_count_max: int = 4
     register_key_hint: str = "runtools ssh-key add ~/.ssh/id_ed25519.pub"
@@ -65,6 +67,37 @@ class SshConfig:
     # Only these sources may send a PROXY header (a header from anywhere else is refused).
     proxy_trusted_cidrs: tuple[str, ...] = ()
     proxy_header_timeout_seconds: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class AdmissionConfig:
+    """Before authentication: who may open connections at all (gateway/ssh/admission.py)."""
+
+    # A source is one IPv4 address (/32) or one IPv6 /64.
+    ipv4_prefix: int = 32
+    ipv6_prefix: int = 64
+    # Unauthenticated connections one source may hold at once (CI behind NAT opens many).
+    max_unauthenticated_per_source: int = 64
+    # OpenSSH MaxStartups start:rate:full, with full = ssh.max_unauthenticated: from
+    # startups_start unauthenticated connections on, new ones are dropped with a probability
+    # rising from startups_rate % to 100 % at the full mark.
+    startups_start: int = 200
+    startups_rate: int = 30
+    # Time a new connection gets to finish key exchange and ask to authenticate.
+    kex_grace_seconds: float = 10.0
+    # OpenSSH 9.8 PerSourcePenalties: seconds of penalty per failure kind; a source is refused
+    # while its penalty exceeds penalty_min_seconds; repeat offenders get longer penalties.
+    penalty_authfail_seconds: float = 5.0
+    penalty_noauth_seconds: float = 1.0
+    penalty_grace_exceeded_seconds: float = 10.0
+    penalty_min_seconds: float = 15.0
+    penalty_max_seconds: float = 600.0
+    # Sources never penalized (the load balancer's health checks, the office NAT).
+    penalty_exempt_cidrs: tuple[str, ...] = ()
+    # Login names one connection may try (OpenSSH allows one); each is looked up once.
+    max_login_names: int = 3
+    # Audit rows of refused connections per source and minute; beyond it they are counted only.
+    audit_refusals_per_minute: int = 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +166,7 @@ class RevocationConfig:
 class Config:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     ssh: SshConfig = field(default_factory=SshConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -181,6 +215,12 @@ class Config:
         if not self.database.url.startswith(("postgresql://", "postgres://")):
             raise ConfigError("database.url", "must start with postgresql://")
         positive = {
+            "admission.max_unauthenticated_per_source": (
+                self.admission.max_unauthenticated_per_source
+            ),
+            "admission.kex_grace_seconds": self.admission.kex_grace_seconds,
+            "admission.max_login_names": self.admission.max_login_names,
+            "admission.audit_refusals_per_minute": self.admission.audit_refusals_per_minute,
             "revocation.reconcile_interval_seconds": self.revocation.reconcile_interval_seconds,
             "database.pool_min_size": self.database.pool_min_size,
             "database.pool_max_size": self.database.pool_max_size,
@@ -208,6 +248,13 @@ class Config:
             raise ConfigError("state.dir", "must not be empty")
         if self.metrics.listen:
             parse_listen(self.metrics.listen, "metrics.listen")
+        for cidr in self.admission.penalty_exempt_cidrs:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as exc:
+                raise ConfigError(
+                    "admission.penalty_exempt_cidrs", f"{cidr!r} is not a CIDR"
+                ) from exc
         for cidr in self.ssh.proxy_trusted_cidrs:
             try:
                 ipaddress.ip_network(cidr, strict=False)

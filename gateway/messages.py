@@ -9,7 +9,9 @@ and never reveal whether a sandbox exists to someone who has not authenticated.
 | key_not_registered          | offered key is not registered for the sandbox's org,     |  -   |
 |                             | or the sandbox does not exist (same text, on purpose)   |      |
 | invalid_login_name          | login name is not sandbox-<id>                          |  -   |
-| too_many_auth_failures      | more refused keys than ssh.max_auth_tries               |  -   |
+| too_many_auth_failures      | more failed attempts than ssh.max_auth_tries (any       |  -   |
+|                             | method or reason; the first 'none' probe excepted)      |      |
+| too_many_login_names        | more than admission.max_login_names names on one conn.  |  -   |
 | keystore_unavailable        | the database did not answer; login refused (fail closed)|  -   |
 | sandbox_stopped             | authenticated, but the sandbox is stopped               | 255  |
 | upstream_unreachable        | the sandbox's SSH endpoint did not answer in time       | 255  |
@@ -30,6 +32,11 @@ key_not_registered banner):
 |-----------------------------|---------------------------------------------------------|
 | unknown_sandbox             | no such sandbox (shown to the user as key_not_registered)|
 | too_many_unauthenticated    | ssh.max_unauthenticated reached; connection dropped     |
+| too_many_unauthenticated_from_source | admission.max_unauthenticated_per_source reached |
+| startups_random_drop        | random early drop between startups_start and the full mark |
+| source_penalized            | the source's failures earned it a penalty (PerSourcePenalties) |
+| kex_grace_exceeded          | no key exchange within admission.kex_grace_seconds      |
+| rsa_too_large, rsa_bad_exponent, rsa_too_small | a hostile or weak RSA key offered at login |
 | proxy_header_untrusted      | a PROXY header from outside ssh.proxy_trusted_cidrs     |
 | proxy_untrusted_source      | proxy_protocol=required and the source is not trusted   |
 | proxy_header_missing        | proxy_protocol=required and no header came              |
@@ -101,6 +108,11 @@ UPSTREAM_REFUSED = Reason(
     "upstream_refused",
     "{sandbox} refused the request ({detail}). Try again; if it persists, contact support "
     "with connection id {conn_id}.",
+)
+TOO_MANY_LOGIN_NAMES = Reason(
+    "too_many_login_names",
+    "too many login names on one connection. Connect again as the one sandbox you want "
+    "(ssh sandbox-<id>@<gateway>).",
 )
 TOO_MANY_SESSIONS = Reason(
     "too_many_sessions",

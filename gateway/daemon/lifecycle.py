@@ -37,6 +37,7 @@ from gateway.ssh import algorithms, hostkeys
 from gateway.ssh.proxy_protocol import Listener, ProxySettings
 from gateway.ssh.revocation import Revocation
 from gateway.ssh.runtime import Runtime
+from gateway.ssh.runtime import configure as runtime_configure
 from gateway.ssh.server import GatewayConnection
 from gateway.upstream import connect as upstream
 from gateway.upstream.pool import UpstreamPool
@@ -170,6 +171,7 @@ class Gateway:
             idle_seconds=config.upstream.pool_idle_seconds,
         )
         rt = self.runtime
+        runtime_configure(rt)
         await self._start_revocation(rt)
 
         sock = inherited_listen_socket()
@@ -335,6 +337,7 @@ class Gateway:
             self.config = new
             if self.runtime is not None:
                 self.runtime.config = new
+                runtime_configure(self.runtime)
             if self._acceptor is not None:
                 self._acceptor.update(**server_options(new, host_keys))
             if self._listener is not None:

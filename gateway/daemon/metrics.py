@@ -73,6 +73,12 @@ RELOADS = Counter("rtgw_reloads", "Configuration reloads (SIGHUP)", ["result"])
 AUDIT_QUEUED = Gauge(
     "rtgw_audit_queued", "Audit events waiting to be written", multiprocess_mode="livesum"
 )
+PENALTIES = Counter(
+    "rtgw_source_penalties", "Penalties given to sources for failed connections", ["kind"]
+)
+AUDIT_SUPPRESSED = Counter(
+    "rtgw_audit_suppressed", "Refused-connection audit rows not written (per-source rate limit)"
+)
 REVOCATION_LISTENER = Gauge(
     "rtgw_revocation_listener_up",
     "1 while this process listens for access changes (LISTEN rtgw_access)",

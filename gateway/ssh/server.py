@@ -24,6 +24,7 @@ from structlog.typing import FilteringBoundLogger
 
 from gateway import messages
 from gateway.daemon import metrics
+from gateway.ssh.admission import Refusal, Ticket
 from gateway.ssh.auth import Accept, LoginLookup, Refuse, canonical_line, decide, look_up
 from gateway.ssh.channels import Channels
 from gateway.ssh.registry import Identity
@@ -32,6 +33,7 @@ from gateway.upstream.target import Target
 from keystore import ssh_keys
 from keystore.audit_events import AuditEvent
 from keystore.errors import Unavailable
+from keystore.keys import login_key_problem
 from keystore.models import AuthorizedKey
 
 _log = structlog.get_logger("gateway.ssh")
@@ -55,10 +57,17 @@ class GatewayConnection(asyncssh.SSHServer):
         self._conn: asyncssh.SSHServerConnection | None = None
         self._peer: str | None = None
         self._peer_port: int | None = None
+        self._ticket: Ticket | None = None
+        self._kex_timer: asyncio.TimerHandle | None = None
+        self._lookups: dict[str, LoginLookup] = {}  # one lookup per login name per connection
         self._lookup: LoginLookup | None = None
         self._accepted: Accept | None = None
         self._channels: Channels | None = None
-        self._refused = 0
+        self._offered = False  # a key was offered (so a failure is not the initial 'none')
+        self._failures = 0  # failed attempts counted toward ssh.max_auth_tries
+        self._refusals: dict[str, int] = {}  # reason code -> refused keys, for one audit row
+        self._fingerprints: list[str] = []  # the first few refused keys, for that row
+        self._gateway_fault = False  # refused for a reason of ours: no penalty for the source
         self._banner_sent = False
         self._started = time.monotonic()
 
@@ -84,19 +93,50 @@ class GatewayConnection(asyncssh.SSHServer):
         self._peer_port = int(peer[1]) if peer else None
         self.log = self.log.bind(peer=self._peer)
         rt = self._rt
-        if rt.draining or rt.registry.unauthenticated_count >= rt.config.ssh.max_unauthenticated:
+        # Admission costs no crypto: address parsing and dict lookups, before key exchange.
+        verdict: Ticket | Refusal | None = None if rt.draining else rt.admission.admit(self._peer)
+        if not isinstance(verdict, Ticket):
             # Too early for a DISCONNECT message (no version exchange yet): just drop it.
-            reason = "gateway_draining" if rt.draining else "too_many_unauthenticated"
-            self.log.warning("connection_dropped", reason=reason)
+            reason = "gateway_draining" if verdict is None else verdict.code
+            self.log.warning(
+                "connection_dropped",
+                reason=reason,
+                source=str(verdict.source) if verdict is not None else None,
+                retry_after=verdict.retry_after if verdict is not None else None,
+            )
             metrics.CONNECTIONS.labels(reason).inc()
             conn.abort()
             return
+        self._ticket = verdict
+        grace = rt.admission.settings.kex_grace_seconds
+        self._kex_timer = asyncio.get_running_loop().call_later(grace, self._kex_grace_over)
         metrics.CONNECTIONS.labels("accepted").inc()
         metrics.CONNECTIONS_OPEN.labels("unauthenticated").inc()
         rt.registry.add(self)
         self.log.info("connection_open", peer_port=self._peer_port)
 
+    def _kex_grace_over(self) -> None:
+        """Key exchange not done within admission.kex_grace_seconds: drop, penalize."""
+        ticket = self._ticket
+        if ticket is not None and ticket.kex_pending and self._conn is not None:
+            ticket.grace_exceeded()
+            self.log.warning("connection_dropped", reason="kex_grace_exceeded")
+            metrics.CONNECTIONS.labels("kex_grace_exceeded").inc()
+            self._conn.abort()
+
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._kex_timer is not None:
+            self._kex_timer.cancel()
+        ticket = self._ticket
+        if ticket is not None and not ticket.is_authenticated:
+            if exc is not None and "login timeout" in str(exc).lower():
+                ticket.grace_exceeded()
+            penalty = ticket.closed(penalize=not (self._gateway_fault or self._rt.draining))
+            if penalty is not None:
+                metrics.PENALTIES.labels(penalty).inc()
+            self._audit_refused_connection(penalty)
+        elif ticket is not None:
+            ticket.closed()
         registry = self._rt.registry
         if self in registry:
             state = "authenticated" if self.authenticated else "unauthenticated"
@@ -121,13 +161,27 @@ class GatewayConnection(asyncssh.SSHServer):
         # complete a login to another's.
         self._lookup = None
         self._accepted = None
-        t0 = time.perf_counter()
-        lookup = await look_up(username, self._rt.access_source())
-        elapsed = time.perf_counter() - t0
+        if self._ticket is not None:
+            self._ticket.kex_completed()
+        cached = self._lookups.get(username)
+        if cached is None:
+            if len(self._lookups) >= self._rt.config.admission.max_login_names:
+                self._failures += 1
+                if self._ticket is not None:
+                    self._ticket.auth_failed()
+                self._count_refusal(messages.TOO_MANY_LOGIN_NAMES.code, None)
+                raise asyncssh.PermissionDenied(messages.TOO_MANY_LOGIN_NAMES.render())
+            t0 = time.perf_counter()
+            cached = await look_up(username, self._rt.access_source())
+            elapsed = time.perf_counter() - t0
+            self._lookups[username] = cached
+            if cached.sandbox_id is not None:
+                metrics.AUTH_DECISION.observe(elapsed)
+                self.log.debug("auth_lookup", sandbox=cached.sandbox_id, seconds=round(elapsed, 6))
+        lookup = cached
         if lookup.sandbox_id is not None:
-            metrics.AUTH_DECISION.observe(elapsed)
             self.log = self.log.bind(sandbox=lookup.sandbox_id)
-            self.log.debug("auth_lookup", seconds=round(elapsed, 6))
+        self._gateway_fault = lookup.refusal == messages.KEYSTORE_UNAVAILABLE.code
         self._lookup = lookup
         if lookup.refusal == messages.INVALID_LOGIN_NAME.code:
             self._banner(messages.INVALID_LOGIN_NAME.render(login=printable(username)))
@@ -142,19 +196,47 @@ class GatewayConnection(asyncssh.SSHServer):
     def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         # Called for the unsigned query and again with the signature; both answered from the
         # access data of the current login name, looked up once in begin_auth.
+        #
+        # What the answer to the unsigned query reveals, as with OpenSSH: whether this key
+        # opens this login name (the client learns it before proving it holds the private
+        # key). An unknown sandbox and another organization's sandbox answer the same, and
+        # admission.max_login_names bounds how many names one connection can probe; failed
+        # attempts count toward ssh.max_auth_tries and penalize the source. Nothing happens
+        # upstream until a signature verified (auth_completed).
+        self._offered = True
         lookup = self._lookup or LoginLookup(username, None, None, messages.INVALID_LOGIN_NAME.code)
         fingerprint = key.get_fingerprint("sha256")
-        decision = decide(lookup, fingerprint, canonical_line(key))
+        problem = login_key_problem(key)  # hostile RSA sizes cost CPU on every verify
+        decision = (
+            Refuse(problem)
+            if problem is not None
+            else decide(lookup, fingerprint, canonical_line(key))
+        )
         if isinstance(decision, Accept):
             self._accepted = decision
-            pool = self._rt.upstream_pool
-            if pool is not None and decision.sandbox.status == "running":
-                # A registered key was offered: open the upstream connection while the
-                # client signs (no unauthenticated amplification: only registered keys).
-                pool.warm(Target.of(decision.sandbox))
             return True
         self._refuse(decision, fingerprint)
         return False
+
+    def userauth_failed(self) -> None:
+        """After every USERAUTH_FAILURE (gateway/asyncssh_patches.py 'userauth-failure-hook'):
+        refused keys, bad signatures, certificates, unknown key blobs, 'none' and other
+        methods all count toward ssh.max_auth_tries, except the client's first 'none' probe
+        (which only asks for the methods, as OpenSSH does not count it either)."""
+        if not self._offered and self._failures == 0 and not self._refusals.get("none_probe"):
+            self._refusals["none_probe"] = 1
+            return
+        self._failures += 1
+        if self._ticket is not None:
+            self._ticket.auth_failed()
+        if self._failures >= self._rt.config.ssh.max_auth_tries and self._conn is not None:
+            text = messages.TOO_MANY_AUTH_FAILURES.render(
+                hint=self._rt.config.ssh.register_key_hint
+            )
+            conn = self._conn
+            asyncio.get_running_loop().call_soon(
+                conn.disconnect, asyncssh.DISC_NO_MORE_AUTH_METHODS_AVAILABLE, text
+            )
 
     def password_auth_supported(self) -> bool:
         return False
@@ -166,6 +248,10 @@ class GatewayConnection(asyncssh.SSHServer):
         accepted = self._accepted
         assert accepted is not None
         sandbox, key = accepted.sandbox, accepted.key
+        if self._kex_timer is not None:
+            self._kex_timer.cancel()
+        if self._ticket is not None:
+            self._ticket.authenticated()
         identity = Identity(sandbox.org_id, sandbox.id, key.id, key.fingerprint)
         revocation = self._rt.revocation
         self._channels = Channels(
@@ -186,9 +272,10 @@ class GatewayConnection(asyncssh.SSHServer):
                 revocation.track(self, key.expires_at, sandbox.status == "running")
         self.log = self.log.bind(org=sandbox.org_slug, key=key.fingerprint)
         self._audit_auth("ok", None, key.fingerprint)
-        self.log.info("auth_ok")
+        self.log.info("auth_ok", failed_attempts=self._failures)
         asyncio.get_running_loop().create_task(self._touch_key(sandbox.org_id, key))
         if sandbox.status == "running" and self._rt.upstream_pool is not None:
+            # The signature verified: only now may the gateway do work upstream.
             self._rt.upstream_pool.warm(Target.of(sandbox))
 
     async def _touch_key(self, org_id: Any, key: AuthorizedKey) -> None:
@@ -196,16 +283,58 @@ class GatewayConnection(asyncssh.SSHServer):
             await ssh_keys.touch_last_used(self._rt.db, org_id, key.id)
 
     def _refuse(self, decision: Refuse, fingerprint: str) -> None:
-        self._refused += 1
-        self._audit_auth("refused", decision.reason, fingerprint)
+        """A key refused: counted for the connection's one audit row, not written per key."""
+        self._count_refusal(decision.reason, fingerprint)
+        self.log.debug("auth_refused", reason=decision.reason, fingerprint=fingerprint)
+        metrics.AUTH.labels("refused", decision.reason).inc()
         if decision.shows_registration_hint:
             self._banner(
                 messages.KEY_NOT_REGISTERED.render(hint=self._rt.config.ssh.register_key_hint)
             )
-        if self._refused >= self._rt.config.ssh.max_auth_tries:
-            raise asyncssh.PermissionDenied(
-                messages.TOO_MANY_AUTH_FAILURES.render(hint=self._rt.config.ssh.register_key_hint)
+
+    def _count_refusal(self, reason: str, fingerprint: str | None) -> None:
+        self._refusals[reason] = self._refusals.get(reason, 0) + 1
+        if fingerprint is not None and fingerprint not in self._fingerprints:
+            if len(self._fingerprints) < 10:
+                self._fingerprints.append(fingerprint)
+
+    def _audit_refused_connection(self, penalty: str | None) -> None:
+        """One audit row per refused connection, with its counts (rate limited per source)."""
+        refusals = {k: v for k, v in self._refusals.items() if k != "none_probe"}
+        if not refusals and self._failures == 0 and self._lookup is None:
+            return  # never tried to authenticate (scanner, health check): logs and metrics only
+        source = str(self._ticket.source) if self._ticket is not None else (self._peer or "")
+        allowed, suppressed = self._rt.audit_limit.allow(source)
+        if not allowed:
+            metrics.AUDIT_SUPPRESSED.inc()
+            return
+        reason = max(refusals, key=lambda k: refusals[k]) if refusals else "no_key_accepted"
+        lookup = self._lookup
+        sandbox = lookup.access.sandbox if lookup is not None and lookup.access else None
+        self.log.info("auth", result="refused", reason=reason, attempts=self._failures)
+        self._rt.audit.record(
+            AuditEvent(
+                action="ssh.auth",
+                result="refused",
+                reason=reason,
+                org_id=sandbox.org_id if sandbox else None,
+                actor=self._fingerprints[0] if self._fingerprints else None,
+                target=(lookup.sandbox_id if lookup else None)
+                or (printable(lookup.login) if lookup else ""),
+                source_ip=self._peer,
+                details={
+                    "conn_id": self._conn_id,
+                    "source_port": self._peer_port,
+                    "org": sandbox.org_slug if sandbox else None,
+                    "logins": [printable(name) for name in self._lookups],
+                    "failed_attempts": self._failures,
+                    "refusals": refusals,
+                    "fingerprints": self._fingerprints,
+                    "penalty": penalty,
+                    "suppressed_before": suppressed or None,
+                },
             )
+        )
 
     # --- channels (RFC 4254) ---
 
@@ -265,6 +394,7 @@ class GatewayConnection(asyncssh.SSHServer):
                     "source_port": self._peer_port,
                     "org": sandbox.org_slug if sandbox else None,
                     "login": login,
+                    "failed_attempts": self._failures,
                 },
             )
         )

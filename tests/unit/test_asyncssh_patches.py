@@ -523,6 +523,15 @@ def test_canary_upstream_still_overcredits_a_paused_channel(upstream: dict[str, 
     _canary(upstream, "window-credit-for-delivered-data", peak > 2 * SINK_WINDOW)
 
 
+def test_canary_upstream_still_has_no_failed_auth_callback() -> None:
+    # asyncssh's SSHServer offers begin_auth/auth_completed but nothing for a failure; the
+    # original send_userauth_failure only sends the packet.
+    patch = asyncssh_patches.patch_named("userauth-failure-hook")
+    callbacks = {n for n in dir(asyncssh.SSHServer) if "fail" in n.lower()}
+    source = inspect.getsource(patch.original("send_userauth_failure"))
+    _canary({}, patch.name, not callbacks and "_owner" not in source)
+
+
 def test_every_patch_keeps_asyncssh_own_functions_and_says_what_it_corrects() -> None:
     names = [p.name for p in PATCHES]
     assert len(set(names)) == len(names)

@@ -89,3 +89,17 @@ def test_iterating_while_closing_is_safe() -> None:
     for conn in reg:
         reg.remove(conn)
     assert len(reg) == 0
+
+
+def test_audit_rows_from_one_source_are_rate_limited_and_suppressions_counted() -> None:
+    from gateway.audit.ratelimit import SourceRateLimit
+
+    now = [0.0]
+    limit = SourceRateLimit(3, clock=lambda: now[0], max_sources=2)
+    assert [limit.allow("10.0.0.1")[0] for _ in range(5)] == [True, True, True, False, False]
+    assert limit.allow("10.0.0.2") == (True, 0)  # another source has its own budget
+    now[0] += 20.0  # one token back (3 a minute)
+    assert limit.allow("10.0.0.1") == (True, 2)  # the row written says 2 were suppressed
+    limit.allow("10.0.0.3")
+    assert len(limit) == 2  # bounded: the least recently seen source was forgotten
+    assert limit.suppressed_total == 2
