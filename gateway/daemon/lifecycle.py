@@ -281,6 +281,7 @@ class Gateway:
             if rt is not None:
                 metrics.update_pool(rt.db)
                 metrics.AUDIT_QUEUED.set(rt.audit.queued)
+                metrics.ASYNCIO_TASKS.set(len(asyncio.all_tasks()))
                 if rt.revocation is not None:
                     metrics.REVOCATION_LISTENER.set(1 if rt.revocation.healthy else 0)
                 status = self._status_text()

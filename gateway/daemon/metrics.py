@@ -73,6 +73,9 @@ RELOADS = Counter("rtgw_reloads", "Configuration reloads (SIGHUP)", ["result"])
 AUDIT_QUEUED = Gauge(
     "rtgw_audit_queued", "Audit events waiting to be written", multiprocess_mode="livesum"
 )
+ASYNCIO_TASKS = Gauge(
+    "rtgw_asyncio_tasks", "asyncio tasks alive in the process", multiprocess_mode="livesum"
+)
 PENALTIES = Counter(
     "rtgw_source_penalties", "Penalties given to sources for failed connections", ["kind"]
 )
@@ -92,6 +95,22 @@ REVOCATION_LAG = Histogram(
     "rtgw_revocation_lag_seconds",
     "From the change's commit to the affected connection being ended",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+)
+
+RELAY_BUFFER_RESERVED = Gauge(
+    "rtgw_relay_buffer_reserved_bytes",
+    "Bytes reserved by open relayed channels (gateway/relay/budget.py)",
+    multiprocess_mode="livesum",
+)
+RELAY_BUFFER_BUDGET = Gauge(
+    "rtgw_relay_buffer_budget_bytes",
+    "ssh.max_buffered_bytes: the most relayed channels may reserve",
+    multiprocess_mode="livesum",
+)
+RELAY_BUFFER_REFUSALS = Counter(
+    "rtgw_relay_buffer_refusals",
+    "Channels refused because the relay buffer budget was reached (buffer_budget_exhausted)",
+    ["type"],
 )
 
 
