@@ -1,14 +1,23 @@
 """A throwaway PostgreSQL cluster: ``initdb`` into a temp dir, serve on a loopback port, delete.
 
-Used by the integration tests and by ``runtools-gateway demo``. Nothing here is meant for
-production data: the cluster trusts every local connection and runs with ``fsync=off``.
+Used by the integration tests, the bench and ``runtools-gateway demo``. Nothing here is meant
+for production data: the cluster trusts every local connection and runs with ``fsync=off``.
 
     with ThrowawayCluster() as cluster:
         pool = await keystore.db.create_pool(cluster.dsn)
 
+For failover tests, :meth:`ThrowawayCluster.standby` makes a streaming replica of a running
+cluster (``pg_basebackup -R``) in a temp dir of its own; :meth:`ThrowawayCluster.stop_server`
+stops a server but keeps its files, and :meth:`ThrowawayCluster.promote` turns a standby into
+a primary:
+
+    replica = primary.standby()
+    primary.stop_server("fast")
+    replica.promote()
+
 PostgreSQL refuses to run as root, so when this process is root every ``initdb``/``pg_ctl``/
-``createdb`` runs as the ``postgres`` OS user (``runuser -u postgres --``) and the temp dir is
-handed to that user.
+``createdb``/``pg_basebackup`` runs as the ``postgres`` OS user (``runuser -u postgres --``)
+and the temp dir is handed to that user.
 """
 
 from __future__ import annotations
@@ -191,6 +200,70 @@ class ThrowawayCluster:
         with self._lock:
             self._stop_locked()
 
+    def standby(self, timeout_seconds: float = 60.0) -> ThrowawayCluster:
+        """A new cluster streaming from this running one: a hot standby on its own port.
+
+        ``pg_basebackup -R -X stream`` copies this cluster into a new temp dir (``-R`` writes
+        ``standby.signal`` and ``primary_conninfo``), then the copy is started like
+        :meth:`start` does. It answers read-only queries until :meth:`promote`; ``stop()``
+        removes it like any other. Raises ``Unavailable`` on failure.
+        """
+        primary_port = self.port  # raises if this cluster is not running
+        replica = ThrowawayCluster(base_dir=self._base_dir)
+        with replica._lock:
+            deadline = time.monotonic() + timeout_seconds
+            try:
+                replica._start_standby(primary_port, deadline)
+            except BaseException:
+                replica._stop_locked()
+                raise
+            replica._running = True
+        return replica
+
+    def promote(self, timeout_seconds: float = 30.0) -> None:
+        """Turn this standby into a primary (``pg_ctl promote -w``): returns once it accepts
+        writes. Raises ``Unavailable`` on failure (e.g. it is not a standby)."""
+        with self._lock:
+            if not self._running or self._bindir is None or self.data_dir is None:
+                raise RuntimeError("ThrowawayCluster is not running; call start() first")
+            wait = max(1, int(timeout_seconds))
+            self._run(
+                "pg_ctl promote",
+                [
+                    os.path.join(self._bindir, "pg_ctl"),
+                    "promote",
+                    "-w",
+                    "-t", str(wait),
+                    "-D", self.data_dir,
+                ],
+                time.monotonic() + timeout_seconds,
+                grace=5.0,
+            )  # fmt: skip
+
+    def stop_server(self, mode: str = "fast", timeout_seconds: float = 30.0) -> None:
+        """Stop the server (``pg_ctl stop -m MODE``: smart, fast or immediate) and keep its
+        files; :attr:`dsn` and :attr:`port` are invalid afterwards. ``stop()`` still removes
+        the temp dir. Does nothing if the server is not running."""
+        if mode not in ("smart", "fast", "immediate"):
+            raise ValueError(f"unknown shutdown mode {mode!r}")
+        with self._lock:
+            if not self._running or self._bindir is None or self.data_dir is None:
+                return
+            self._running = False
+            self._run(
+                "pg_ctl stop",
+                [
+                    os.path.join(self._bindir, "pg_ctl"),
+                    "stop",
+                    "-D", self.data_dir,
+                    "-m", mode,
+                    "-w",
+                    "-t", str(max(1, int(timeout_seconds))),
+                ],
+                time.monotonic() + timeout_seconds,
+                grace=5.0,
+            )  # fmt: skip
+
     def __enter__(self) -> ThrowawayCluster:
         self.start()
         return self
@@ -210,25 +283,8 @@ class ThrowawayCluster:
     # -- internals --------------------------------------------------------------------------
 
     def _start(self, deadline: float) -> None:
-        self._bindir = _find_bindir()
-        pw: pwd.struct_passwd | None = None
-        if self._as_postgres:
-            if shutil.which("runuser") is None:
-                raise Unavailable("running as root but `runuser` is not installed")
-            try:
-                pw = pwd.getpwnam(_OS_USER)
-            except KeyError:
-                raise Unavailable(
-                    f"running as root but there is no {_OS_USER!r} OS user to run PostgreSQL as"
-                ) from None
-
-        work_dir = tempfile.mkdtemp(prefix="rtgw-pg-", dir=self._base_dir)
-        self._work_dir = work_dir
-        if pw is not None:
-            os.chown(work_dir, pw.pw_uid, pw.pw_gid)
-            os.chmod(work_dir, 0o700)
-            _make_traversable(Path(work_dir).parent)
-
+        work_dir = self._make_work_dir()
+        assert self._bindir is not None
         data_dir = os.path.join(work_dir, "data")
         self._run(
             "initdb",
@@ -263,6 +319,54 @@ class ThrowawayCluster:
             ],
             deadline,
         )  # fmt: skip
+
+    def _make_work_dir(self) -> str:
+        """Find the server binaries and create the temp dir (owned by ``postgres`` when root)."""
+        self._bindir = _find_bindir()
+        pw: pwd.struct_passwd | None = None
+        if self._as_postgres:
+            if shutil.which("runuser") is None:
+                raise Unavailable("running as root but `runuser` is not installed")
+            try:
+                pw = pwd.getpwnam(_OS_USER)
+            except KeyError:
+                raise Unavailable(
+                    f"running as root but there is no {_OS_USER!r} OS user to run PostgreSQL as"
+                ) from None
+
+        work_dir = tempfile.mkdtemp(prefix="rtgw-pg-", dir=self._base_dir)
+        self._work_dir = work_dir
+        if pw is not None:
+            os.chown(work_dir, pw.pw_uid, pw.pw_gid)
+            os.chmod(work_dir, 0o700)
+            _make_traversable(Path(work_dir).parent)
+
+        return work_dir
+
+    def _start_standby(self, primary_port: int, deadline: float) -> None:
+        work_dir = self._make_work_dir()
+        assert self._bindir is not None
+        data_dir = os.path.join(work_dir, "data")
+        self._run(
+            "pg_basebackup",
+            [
+                os.path.join(self._bindir, "pg_basebackup"),
+                "-h", "127.0.0.1",
+                "-p", str(primary_port),
+                "-U", _SUPERUSER,
+                "-D", data_dir,
+                "-R",  # standby.signal + primary_conninfo: start as a streaming replica
+                "-X", "stream",
+                "-c", "fast",
+                "--no-sync",
+            ],
+            deadline,
+        )  # fmt: skip
+        for attempt in range(1, _PORT_ATTEMPTS + 1):
+            port = _free_port()
+            if self._pg_ctl_start(port, deadline, last_attempt=attempt == _PORT_ATTEMPTS):
+                self._port = port
+                break
 
     def _pg_ctl_start(self, port: int, deadline: float, *, last_attempt: bool) -> bool:
         """Start the server on ``port``; False if the port was taken (and retrying makes sense)."""

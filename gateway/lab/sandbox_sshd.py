@@ -1,6 +1,6 @@
 """A real OpenSSH ``sshd`` on a loopback port, standing in for a sandbox's SSH endpoint.
 
-Used by the integration tests and by ``runtools-gateway demo``:
+Used by the integration tests, the bench and ``runtools-gateway demo``:
 
     with SandboxSshd(authorized_keys=[gateway_public_key_line]) as sandbox:
         connect to sandbox.host:sandbox.port as sandbox.login_user, pinning sandbox.host_key_line

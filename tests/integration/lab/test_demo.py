@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import glob
 import os
 import shlex
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -56,10 +54,11 @@ class Output:
         raise AssertionError(f"no {marker!r} in demo output:\n" + "\n".join(self.lines))
 
 
-def test_demo_starts_lets_the_user_in_and_stops_cleanly(user_key: UserKey) -> None:
+def test_demo_starts_lets_the_user_in_and_stops_cleanly(
+    user_key: UserKey, private_tmpdir: Path
+) -> None:
     key = user_key
     port = free_port()
-    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "rtgw-*")))
     proc = subprocess.Popen(
         [sys.executable, "-m", "gateway", "demo", "--port", str(port), "--key", str(key.pub)],
         stdout=subprocess.PIPE,
@@ -67,7 +66,7 @@ def test_demo_starts_lets_the_user_in_and_stops_cleanly(user_key: UserKey) -> No
         text=True,
         cwd=REPO,
         stdin=subprocess.DEVNULL,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        env=dict(os.environ, PYTHONUNBUFFERED="1", TMPDIR=str(private_tmpdir)),
     )
     try:
         output = Output(proc)
@@ -104,8 +103,7 @@ def test_demo_starts_lets_the_user_in_and_stops_cleanly(user_key: UserKey) -> No
             raise
     assert proc.returncode == 0, out
     assert "nothing left behind" in out
-    after = set(glob.glob(os.path.join(tempfile.gettempdir(), "rtgw-*")))
-    assert not (after - before), after - before
+    assert sorted(private_tmpdir.iterdir()) == []  # PostgreSQL's, sshd's and its own dirs
     leftovers = subprocess.run(
         ["pgrep", "-f", f"Port {port}|demo --port {port}"], capture_output=True, text=True
     ).stdout.split()
