@@ -34,7 +34,10 @@ with the empty MSG_IGNORE it puts before each one), i.e. one ``send()`` syscall 
 relayed data. ``SSHConnection._send`` now appends to a per-connection list that a
 ``loop.call_soon`` callback joins and writes once; ``_force_close`` (every close, abort and
 disconnect path ends there) flushes first, so a DISCONNECT is never lost. Order is kept:
-everything goes through ``_send``. Upstream-worthy.
+everything goes through ``_send``. Bytes queued here are not yet in the transport's buffer, so
+the transport's high-water check (and ``pause-writing-reaches-channels``) cannot see them: once
+``FLUSH_AT`` bytes are queued they are written at once, which bounds what one turn can add
+unseen. Upstream-worthy.
 
 ``receive-buffer-read-offset``: asyncssh consumes its receive buffer with
 ``self._inpbuf = self._inpbuf[n:]`` for each packet header and body, copying the whole rest of a
@@ -47,6 +50,24 @@ packet (the CBC-era countermeasure against predictable IVs), doubling the packet
 sent. With the ciphers the gateway allows (AES-GCM, chacha20-poly1305, AES-CTR + EtM MACs) it
 protects nothing; RFC 4253 makes sending them optional. The IGNORE is still sent when either
 direction negotiated a CBC cipher. Upstream-worthy: do it only for CBC.
+
+``pause-writing-reaches-channels`` and ``channel-output-waits-for-transport`` (one change in
+two classes): asyncssh's ``SSHConnection.pause_writing``/``resume_writing``, the callbacks
+asyncio makes when a transport's write buffer passes its high-water mark and drains again, do
+nothing ("Do nothing with this for now"), and ``SSHChannel._flush_send_buf`` sends whatever the
+peer's window allows. A peer that advertises a 2 GiB window and stops reading its socket so gets
+everything a channel is given queued in the transport: a relay of ``cat /dev/zero`` grew the
+gateway by 1.7 GiB in 8 s. Now ``pause_writing`` marks the connection paused and, while it is,
+``_flush_send_buf`` runs with a send window of zero: output stays in the channel's own send
+buffer, which past its high-water mark calls the session's ``pause_writing`` through asyncssh's
+own path (the relay then stops reading the other leg, whose SSH window pushes back on the
+sender), and a pending EOF or CLOSE still goes out once that buffer is empty.
+``resume_writing`` flushes the connection's channels again (starting with a different one each
+time, so none starves), until the transport is full again; asyncssh's own low-water check then
+resumes their sessions. A peer that stops reading can still make us answer (global and channel
+requests); once the paused transport holds more than ``READ_PAUSE_AT`` (1 MiB, far above what
+channel output can reach now) we stop reading that peer until ``resume_writing``.
+Upstream-worthy.
 
 ``window-credit-for-delivered-data``: when a paused channel resumes, asyncssh delivers its first
 buffered packet and grants the peer a *full* new window, although most of the old window is
@@ -74,15 +95,10 @@ in pyproject.toml; do not fork. Reasons:
   takes a fix, its canary fails on that release and the patch is deleted. The aim is for this
   module to shrink, not grow.
 
-Coming work fits the layer. Back-pressure: ``SSHConnection.pause_writing``/``resume_writing``
-are no-ops ("Do nothing with this for now"), so a relay keeps writing into a client that
-stopped reading; they are the asyncio transport's documented callbacks, so overriding them
-(passing pause/resume on to the connection's channels, whose sessions the relay already wires
-to the other leg) is one more patch of the same kind, with a canary that the originals still
-do nothing. Agent forwarding on per-user upstream connections is public API: the listener's
-``agent_forwarding=True`` and ``SSHServerConnection.get_agent_path()``, handed to the upstream
-``asyncssh.connect(agent_path=..., agent_forwarding=True)``; the hard part, per-user rather than
-shared upstream connections, is ours, not asyncssh's.
+Coming work fits the layer. Agent forwarding on per-user upstream connections is public API:
+the listener's ``agent_forwarding=True`` and ``SSHServerConnection.get_agent_path()``, handed to
+the upstream ``asyncssh.connect(agent_path=..., agent_forwarding=True)``; the hard part,
+per-user rather than shared upstream connections, is ours, not asyncssh's.
 
 Revisit the decision if a patch has to *replace* an upstream method's body instead of wrapping
 it, or if a minor release breaks several patches at once: then a fork published to PyPI (still
@@ -245,10 +261,16 @@ def _install_refuse_sha1(patch: Patch) -> None:
 # --- coalesce-transport-writes --------------------------------------------------------------
 
 
+# Queued bytes are written at once when they reach this much, so that the transport's
+# high-water check sees them within the turn (see pause-writing-reaches-channels).
+FLUSH_AT = 256 * 1024
+
+
 def _flush(conn: Any) -> None:
     """Write everything ``_send`` queued for ``conn`` in this event-loop turn, in one call."""
     pending: list[bytes] | None = conn._rtgw_pending
     conn._rtgw_pending = None
+    conn._rtgw_pending_size = 0
     transport = conn._transport
     if not pending or transport is None:
         return
@@ -256,12 +278,17 @@ def _flush(conn: Any) -> None:
         transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
     except ConnectionError:  # pragma: no cover - same as asyncssh's own _send
         pass
+    if conn._rtgw_write_paused and not conn._rtgw_reading_held:
+        _hold_reading_if_flooded(conn, transport)
 
 
 def _install_coalesced_writes(patch: Patch) -> None:
     cls: Any = patch.target
     original_force_close = patch.original("_force_close")
-    cls._rtgw_pending = None  # class default: no instance needs __init__ changes
+    cls._rtgw_pending = None  # class defaults: no instance needs __init__ changes
+    cls._rtgw_pending_size = 0
+    for attr, value in _CONN_DEFAULTS.items():
+        setattr(cls, attr, value)
 
     def _send(self: Any, data: bytes) -> None:
         if not self._transport:
@@ -269,10 +296,14 @@ def _install_coalesced_writes(patch: Patch) -> None:
         pending = self._rtgw_pending
         if pending is None:
             self._rtgw_pending = [data]
+            self._rtgw_pending_size = len(data)
             loop: asyncio.AbstractEventLoop = self._loop
             loop.call_soon(_flush, self)
         else:
             pending.append(data)
+            self._rtgw_pending_size += len(data)
+            if self._rtgw_pending_size >= FLUSH_AT:
+                _flush(self)  # the callback already scheduled then finds nothing (or less)
 
     def _force_close(self: Any, exc: Exception | None) -> None:
         _flush(self)
@@ -398,7 +429,87 @@ def _install_userauth_failure_hook(patch: Patch) -> None:
     cls.send_userauth_failure = send_userauth_failure
 
 
+# --- pause-writing-reaches-channels + channel-output-waits-for-transport ----------------------
+
+
+# A peer that does not read can still make us answer: global and channel requests, pings. Past
+# this much in the transport's buffer (channel output stops near the 64 KiB high-water mark,
+# so only such answers get here) we stop reading the peer until the buffer drains.
+READ_PAUSE_AT = 1024 * 1024
+
+# Class defaults, for every connection whichever patches are installed (``_flush`` reads them).
+_CONN_DEFAULTS = {"_rtgw_write_paused": False, "_rtgw_reading_held": False}
+
+
+def _hold_reading_if_flooded(conn: Any, transport: Any) -> None:
+    if transport.get_write_buffer_size() > READ_PAUSE_AT:
+        conn._rtgw_reading_held = True
+        transport.pause_reading()
+
+
+def _install_pause_writing(patch: Patch) -> None:
+    cls: Any = patch.target
+    original_pause = patch.original("pause_writing")
+    original_resume = patch.original("resume_writing")
+    cls._rtgw_resume_turn = 0
+
+    def pause_writing(self: Any) -> None:
+        original_pause(self)
+        self._rtgw_write_paused = True
+
+    def resume_writing(self: Any) -> None:
+        original_resume(self)
+        self._rtgw_write_paused = False
+        if self._rtgw_reading_held:
+            self._rtgw_reading_held = False
+            if self._transport is not None:
+                self._transport.resume_reading()
+        channels = list(self._channels.values())
+        if not channels:
+            return
+        start = self._rtgw_resume_turn % len(channels)
+        self._rtgw_resume_turn += 1
+        for chan in channels[start:] + channels[:start]:
+            if self._rtgw_write_paused:
+                break  # the transport is full again: the rest wait for the next resume
+            if chan._session is None or chan._conn is not self:
+                continue  # still opening, or already cleaned up
+            try:
+                chan._flush_send_buf()
+            except Exception:  # as if raised while handling a packet: close the connection
+                self.internal_error()
+                return
+
+    for attr, value in _CONN_DEFAULTS.items():
+        setattr(cls, attr, value)
+    cls.pause_writing = pause_writing
+    cls.resume_writing = resume_writing
+
+
+def _install_channel_output_wait(patch: Patch) -> None:
+    original_flush = patch.original("_flush_send_buf")
+
+    def _flush_send_buf(self: Any) -> None:
+        conn = self._conn
+        if conn is None or not conn._rtgw_write_paused:
+            original_flush(self)
+            return
+        # The transport asked us to stop: asyncssh's own flush with a zero send window sends
+        # no data, pauses the session once the send buffer passes its high-water mark and
+        # still sends a pending EOF or CLOSE when the buffer is empty.
+        window = self._send_window
+        self._send_window = 0
+        try:
+            original_flush(self)
+        finally:
+            self._send_window += window
+
+    cls: Any = patch.target
+    cls._flush_send_buf = _flush_send_buf
+
+
 _CONN = asyncssh.connection.SSHConnection
+_CHAN = asyncssh.channel.SSHChannel
 
 PATCHES: tuple[Patch, ...] = (
     Patch(
@@ -447,8 +558,8 @@ PATCHES: tuple[Patch, ...] = (
             "SSHChannel._deliver_data grants the peer a full new window on resume although "
             "most of the old one is still undelivered in the channel's receive buffer"
         ),
-        target=asyncssh.channel.SSHChannel,
-        originals=_originals(asyncssh.channel.SSHChannel, "_deliver_data"),
+        target=_CHAN,
+        originals=_originals(_CHAN, "_deliver_data"),
         install=_install_window_credit,
     ),
     Patch(
@@ -462,6 +573,29 @@ PATCHES: tuple[Patch, ...] = (
         target=_CONN,
         originals=_originals(_CONN, "send_userauth_failure"),
         install=_install_userauth_failure_hook,
+    ),
+    Patch(
+        name="pause-writing-reaches-channels",
+        upstream=(
+            "SSHConnection.pause_writing and resume_writing, asyncio's back-pressure callbacks, "
+            "do nothing: a peer that stops reading its socket lets the transport's write buffer "
+            "grow without bound"
+        ),
+        target=_CONN,
+        originals=_originals(_CONN, "pause_writing", "resume_writing"),
+        install=_install_pause_writing,
+    ),
+    Patch(
+        name="channel-output-waits-for-transport",
+        upstream=(
+            "SSHChannel._flush_send_buf sends as much as the peer's window allows whatever the "
+            "transport's buffer holds, so a 2 GiB window lets a channel queue 2 GiB there; "
+            "with pause-writing-reaches-channels it now holds output while the transport is "
+            "paused"
+        ),
+        target=_CHAN,
+        originals=_originals(_CHAN, "_flush_send_buf"),
+        install=_install_channel_output_wait,
     ),
 )
 

@@ -23,6 +23,7 @@ from keystore import keys as keyparse
 from keystore import orgs, sandboxes, ssh_keys
 from keystore.errors import KeystoreError
 from keystore.migrate import migrate
+from keystore.models import CLI
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -70,11 +71,28 @@ async def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _workos_note(org: Any) -> str:
+    return f"; WorkOS organization {org.workos_org_id}" if org.workos_org_id else ""
+
+
 async def cmd_org_create(args: argparse.Namespace) -> int:
     config = _config(args)
     async with keystore_db.connect(config.database.url) as conn:
-        org = await orgs.create_org(conn, args.slug, args.name)
-    print(f"created organization {org.slug} ({org.id})")
+        org = await orgs.create_org(conn, args.slug, args.name, workos_org_id=args.workos_org_id)
+    print(f"created organization {org.slug} ({org.id}){_workos_note(org)}")
+    return 0
+
+
+async def cmd_org_update(args: argparse.Namespace) -> int:
+    """Map (or unmap) an organization to the WorkOS organization whose members act for it."""
+    config = _config(args)
+    if args.workos_org_id is None and not args.no_workos_org_id:
+        raise GatewayError("nothing to update: give --workos-org-id ORG_ID or --no-workos-org-id")
+    workos_org_id = None if args.no_workos_org_id else args.workos_org_id
+    async with keystore_db.connect(config.database.url) as conn:
+        org = await orgs.set_workos_org_id(conn, args.slug, workos_org_id)
+    mapped = _workos_note(org) or "; no WorkOS organization"
+    print(f"updated organization {org.slug} ({org.id}){mapped}")
     return 0
 
 
@@ -140,7 +158,7 @@ async def cmd_ssh_key_add(args: argparse.Namespace) -> int:
         org = await orgs.get_org(conn, args.org)
         project = await orgs.get_project(conn, org.id, args.project)
         key = await ssh_keys.add_key(
-            conn, org_id=org.id, project_id=project.id, key=parsed, name=name
+            conn, org_id=org.id, project_id=project.id, key=parsed, name=name, created_by=CLI
         )
     print(key.fingerprint)
     print(
@@ -157,8 +175,10 @@ async def cmd_ssh_key_list(args: argparse.Namespace) -> int:
     for k in keys:
         state = "revoked" if k.revoked_at else "active"
         used = k.last_used_at.isoformat(timespec="seconds") if k.last_used_at else "never"
+        by = f"{k.created_by_type}:{k.created_by}" if k.created_by_type else "unknown"
         print(
-            f"{k.id}\t{k.fingerprint}\t{k.algorithm}\t{k.bits}\t{k.name}\t{state}\tlast used {used}"
+            f"{k.id}\t{k.fingerprint}\t{k.algorithm}\t{k.bits}\t{k.name}\t{state}\t"
+            f"last used {used}\tcreated by {by}"
         )
     return 0
 
@@ -189,6 +209,7 @@ async def cmd_api_key_create(args: argparse.Namespace) -> int:
             scopes=scopes,
             environment="test" if args.test else "live",
             expires_in=expires_in,
+            created_by=CLI,
         )
         await audit_events.insert_many(
             conn,
@@ -271,6 +292,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("create", cmd_org_create, "create an organization", org)
     p.add_argument("slug")
     p.add_argument("--name")
+    p.add_argument(
+        "--workos-org-id",
+        metavar="ORG_ID",
+        help="the WorkOS organization (org_...) whose members' session tokens act for it",
+    )
+    p = add("update", cmd_org_update, "map an organization to its WorkOS organization", org)
+    p.add_argument("slug")
+    mapping = p.add_mutually_exclusive_group()
+    mapping.add_argument("--workos-org-id", metavar="ORG_ID", help="the WorkOS organization")
+    mapping.add_argument(
+        "--no-workos-org-id", action="store_true", help="remove the WorkOS mapping"
+    )
 
     sb = sub.add_parser("sandbox", help="sandboxes").add_subparsers(dest="sub", required=True)
     p = add("add", cmd_sandbox_add, "register a sandbox's SSH endpoint", sb)

@@ -19,6 +19,7 @@ import os
 import tomllib
 import types
 import typing
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from gateway.errors import ConfigError
+from keystore.roles import DEFAULT_ROLES, parse_roles
 
 ProxyProtocol = Literal["off", "optional", "required"]
 LogLevel = Literal["debug", "info", "warning", "error"]
@@ -67,6 +69,10 @@ class SshConfig:
     # Only these sources may send a PROXY header (a header from anywhere else is refused).
     proxy_trusted_cidrs: tuple[str, ...] = ()
     proxy_header_timeout_seconds: float = 5.0
+    # Bytes relayed channels may hold, per process: each session or forwarding channel reserves
+    # its windows and send buffers (~4.2 MiB, the worst case; back-pressure keeps the real use
+    # far lower); past the budget new ones are refused. 4 GiB: ~970 channels per process.
+    max_buffered_bytes: int = 4 * 1024 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,8 +114,33 @@ class UpstreamConfig:
     max_sessions_per_connection: int = field(default=10, metadata=RESTART)
     # Idle shared upstream connections close after this long.
     pool_idle_seconds: float = field(default=60.0, metadata=RESTART)
+    # Shared upstream connections per sandbox: a sandbox carries at most this many x
+    # max_sessions_per_connection channels (sessions and forwards) at once. Below the cap a
+    # new upstream connection opens whenever the others are full.
+    max_connections_per_sandbox: int = 32
+    # Upstream connections per process, all sandboxes together; idle ones close to make room.
+    max_connections_total: int = 1024
+    # At its cap, a sandbox's next channel waits this long for a free slot, then is refused
+    # (upstream_busy).
+    lease_timeout_seconds: float = 10.0
     keepalive_interval_seconds: float = 30.0
     keepalive_count_max: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class QuotasConfig:
+    """After authentication: what one client connection, key or organization may hold
+    (gateway/ssh/quotas.py). Sessions per connection are ssh.max_sessions_per_connection.
+    Counts are per process (per worker with process.workers > 1)."""
+
+    # Forwarding channels (ssh -L, -D, -W) open or being opened on one client connection.
+    max_forwards_per_connection: int = 64
+    # One client connection may hold at most this share of its sandbox's upstream capacity
+    # (upstream.max_connections_per_sandbox x upstream.max_sessions_per_connection).
+    upstream_share_percent: int = 25
+    # Authenticated client connections open at once with one key, and in one organization.
+    max_connections_per_key: int = 100
+    max_connections_per_org: int = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +149,23 @@ class ApiConfig:
     enabled: bool = field(default=True, metadata=RESTART)
     # Restart: the API app is built once, at start.
     max_body_bytes: int = field(default=65536, metadata=RESTART)
+    # Limits (keystore/api/limits.py), read at start like the rest of [api]. A source is one
+    # IPv4 address or IPv6 /64 (admission.ipv4_prefix / ipv6_prefix, read at start here).
+    # A request head (line + headers) must be complete this long after the connection opened
+    # or the request's first byte; a keep-alive connection idle this long is closed; a JSON
+    # body must have arrived this long after its handler started reading it.
+    header_timeout_seconds: float = field(default=10.0, metadata=RESTART)
+    idle_timeout_seconds: float = field(default=30.0, metadata=RESTART)
+    body_timeout_seconds: float = field(default=30.0, metadata=RESTART)
+    # Open connections per source; more are answered 429 too_many_connections and closed.
+    max_connections_per_source: int = field(default=32, metadata=RESTART)
+    # Unknown, malformed, expired or revoked API keys per source: a bucket of this many,
+    # refilled at this rate; an empty one answers 429 too_many_invalid_keys with no lookup.
+    invalid_key_burst: int = field(default=20, metadata=RESTART)
+    invalid_key_per_second: float = field(default=1.0, metadata=RESTART)
+    # Requests per valid API key: this many at once, refilled at this rate (429 rate_limited).
+    key_rate_burst: int = field(default=100, metadata=RESTART)
+    key_rate_per_second: float = field(default=20.0, metadata=RESTART)
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,17 +211,35 @@ class RevocationConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkosConfig:
+    """Members signed in through WorkOS (keystore/api/README.md); read by the API at start.
+    With jwks_url and issuer unset, only API keys are accepted."""
+
+    # Where AuthKit publishes its signing keys (https://api.workos.com/sso/jwks/<client id>).
+    jwks_url: str = field(default="", metadata=RESTART)
+    # The tokens' exact "iss" (https://api.workos.com/user_management/<client id>).
+    issuer: str = field(default="", metadata=RESTART)
+    # The webhook endpoint's secret; "" answers POST /v1/webhooks/workos with 404.
+    webhook_secret: str = field(default="", metadata=RESTART)
+    # What each role may do: "role=permission ...", permissions being API scopes or
+    # ssh-key:write:own (keystore/roles.py).
+    roles: tuple[str, ...] = field(default=DEFAULT_ROLES, metadata=RESTART)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     ssh: SshConfig = field(default_factory=SshConfig)
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
+    quotas: QuotasConfig = field(default_factory=QuotasConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     process: ProcessConfig = field(default_factory=ProcessConfig)
     state: StateConfig = field(default_factory=StateConfig)
     log: LogConfig = field(default_factory=LogConfig)
     revocation: RevocationConfig = field(default_factory=RevocationConfig)
+    workos: WorkosConfig = field(default_factory=WorkosConfig)
 
     @classmethod
     def load(cls, path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
@@ -230,8 +296,25 @@ class Config:
             "ssh.max_auth_tries": self.ssh.max_auth_tries,
             "ssh.max_sessions_per_connection": self.ssh.max_sessions_per_connection,
             "ssh.max_unauthenticated": self.ssh.max_unauthenticated,
+            "ssh.max_buffered_bytes": self.ssh.max_buffered_bytes,
             "upstream.connect_timeout_seconds": self.upstream.connect_timeout_seconds,
+            "upstream.max_sessions_per_connection": self.upstream.max_sessions_per_connection,
+            "upstream.max_connections_per_sandbox": self.upstream.max_connections_per_sandbox,
+            "upstream.max_connections_total": self.upstream.max_connections_total,
+            "upstream.lease_timeout_seconds": self.upstream.lease_timeout_seconds,
+            "quotas.max_forwards_per_connection": self.quotas.max_forwards_per_connection,
+            "quotas.upstream_share_percent": self.quotas.upstream_share_percent,
+            "quotas.max_connections_per_key": self.quotas.max_connections_per_key,
+            "quotas.max_connections_per_org": self.quotas.max_connections_per_org,
             "api.max_body_bytes": self.api.max_body_bytes,
+            "api.header_timeout_seconds": self.api.header_timeout_seconds,
+            "api.idle_timeout_seconds": self.api.idle_timeout_seconds,
+            "api.body_timeout_seconds": self.api.body_timeout_seconds,
+            "api.max_connections_per_source": self.api.max_connections_per_source,
+            "api.invalid_key_burst": self.api.invalid_key_burst,
+            "api.invalid_key_per_second": self.api.invalid_key_per_second,
+            "api.key_rate_burst": self.api.key_rate_burst,
+            "api.key_rate_per_second": self.api.key_rate_per_second,
             "ssh.drain_timeout_seconds": self.ssh.drain_timeout_seconds,
             "ssh.proxy_header_timeout_seconds": self.ssh.proxy_header_timeout_seconds,
             "process.worker_watchdog_seconds": self.process.worker_watchdog_seconds,
@@ -239,6 +322,8 @@ class Config:
         for key, value in positive.items():
             if value <= 0:
                 raise ConfigError(key, "must be greater than 0")
+        if self.quotas.upstream_share_percent > 100:
+            raise ConfigError("quotas.upstream_share_percent", "must be at most 100")
         if self.database.pool_min_size > self.database.pool_max_size:
             raise ConfigError("database.pool_min_size", "must not exceed pool_max_size")
         for name, value, hint, _ in _settings(self):  # ssh.proxy_protocol, log.level, log.format
@@ -273,6 +358,26 @@ class Config:
             )
         if self.process.worker_count() > 1 and parse_listen(self.ssh.listen, "ssh.listen")[1] == 0:
             raise ConfigError("ssh.listen", "needs a fixed port when process.workers is not 1")
+        self._validate_workos()
+
+    def _validate_workos(self) -> None:
+        workos = self.workos
+        if bool(workos.jwks_url) != bool(workos.issuer):
+            missing = "workos.issuer" if workos.jwks_url else "workos.jwks_url"
+            raise ConfigError(missing, "must be set together with the other of jwks_url/issuer")
+        if workos.jwks_url:
+            url = urllib.parse.urlsplit(workos.jwks_url)
+            loopback = url.hostname in ("localhost", "::1") or str(url.hostname).startswith("127.")
+            if not url.hostname or not (
+                url.scheme == "https" or (url.scheme == "http" and loopback)
+            ):
+                raise ConfigError(
+                    "workos.jwks_url", "must be an https:// URL (http:// only to loopback)"
+                )
+        try:
+            parse_roles(workos.roles)
+        except ValueError as exc:
+            raise ConfigError("workos.roles", str(exc)) from exc
 
     def trusted_proxy_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         return [ipaddress.ip_network(c, strict=False) for c in self.ssh.proxy_trusted_cidrs]

@@ -2,7 +2,9 @@
 
 GatewayError
  +-- ConfigError      a setting is missing or invalid; ``str(exc)`` names the key and the reason
- +-- UpstreamError    the sandbox's SSH endpoint could not be used; carries a reason code
+ +-- UpstreamError    the sandbox's SSH endpoint could not be used: a reason code and technical
+ |                    detail only; the user's text is rendered from gateway/messages.py at
+ |                    the edge, once (gateway/ssh/channels.py)
  +-- IncompatibleLibrary  an installed library is not a version the gateway was verified on
 """
 

@@ -18,12 +18,25 @@ and never reveal whether a sandbox exists to someone who has not authenticated.
 | upstream_host_key_mismatch  | the sandbox presented a host key that is not pinned     | 255  |
 | upstream_auth_failed        | the sandbox refused the gateway's upstream identity     | 255  |
 | upstream_refused            | the sandbox refused the session or channel request      | 255  |
-| too_many_sessions           | more channels than ssh.max_sessions_per_connection      |  -   |
+| too_many_sessions           | more sessions than ssh.max_sessions_per_connection on   | 255  |
+|                             | one connection (the session opens, says so and exits)   |      |
+| too_many_forwards           | more forwarding channels (-L/-D/-W) than quotas.        |  -   |
+|                             | max_forwards_per_connection (channel open failure)      |      |
+| upstream_share_exceeded     | one connection would hold more than quotas.             | 255  |
+|                             | upstream_share_percent of its sandbox's upstream slots  |      |
+| upstream_busy               | every upstream slot of the sandbox is in use and none   | 255  |
+|                             | came free within upstream.lease_timeout_seconds         |      |
+| too_many_connections_per_key| quotas.max_connections_per_key connections with this key|  -   |
+|                             | are open; the new one is disconnected after auth        |      |
+| too_many_connections_per_org| quotas.max_connections_per_org connections of the org   |  -   |
+|                             | are open; the new one is disconnected after auth        |      |
 | gateway_draining            | the gateway is restarting                                |  -   |
 | access_ended                | the key was revoked/expired/deleted, or the sandbox     | 255  |
 |                             | stopped/deleted/moved, or the org removed (live session) |      |
 | revocation_unverified       | revocation.mode=strict and the change listener is down: |  -   |
 |                             | new channels on live connections are refused            |      |
+| buffer_budget_exhausted     | ssh.max_buffered_bytes reserved by open channels; a new | 255  |
+|                             | session (or forwarding channel: open failure) refused   |      |
 
 Codes that only logs, audit rows and metrics carry (the user sees a closed connection or the
 key_not_registered banner):
@@ -118,6 +131,34 @@ TOO_MANY_SESSIONS = Reason(
     "too_many_sessions",
     "too many sessions on one connection (limit {limit}). Close some or open a new connection.",
 )
+TOO_MANY_FORWARDS = Reason(
+    "too_many_forwards",
+    "too many forwarded connections on one SSH connection (limit {limit}). Close some, or "
+    "open another SSH connection for more.",
+)
+UPSTREAM_SHARE_EXCEEDED = Reason(
+    "upstream_share_exceeded",
+    "this connection already holds {limit} of the {capacity} channels the gateway opens to "
+    "{sandbox}, its fair share. Close some sessions or forwarded connections and try again.",
+)
+UPSTREAM_BUSY = Reason(
+    "upstream_busy",
+    "all {capacity} channels the gateway may open to {sandbox} are in use and none came free "
+    "within {seconds:g} s. Close sessions or forwarded connections you no longer need and try "
+    "again (connection id {conn_id}).",
+)
+TOO_MANY_CONNECTIONS_PER_KEY = Reason(
+    "too_many_connections_per_key",
+    "this key already has {limit} connections open through the gateway. Close some, or run "
+    "several sessions over one connection (ssh -o ControlMaster=auto -o "
+    "ControlPath=~/.ssh/cm-%r@%h:%p -o ControlPersist=60), and connect again.",
+)
+TOO_MANY_CONNECTIONS_PER_ORG = Reason(
+    "too_many_connections_per_org",
+    "your organization already has {limit} connections open through the gateway. Close "
+    "some and connect again; if you need more, ask your organization's owner to contact "
+    "support.",
+)
 GATEWAY_DRAINING = Reason(
     "gateway_draining",
     "the gateway is restarting; your session will end in {seconds:g} s. Reconnect to continue.",
@@ -130,6 +171,11 @@ REVOCATION_UNVERIFIED = Reason(
     "revocation_unverified",
     "the gateway cannot confirm right now that your key is still valid, so it opens no new "
     "session on this connection. Reconnect in a minute (connection id {conn_id}).",
+)
+BUFFER_BUDGET_EXHAUSTED = Reason(
+    "buffer_budget_exhausted",
+    "the gateway is relaying as much data as it can hold right now, so it opened no new "
+    "{what}. Try again in a minute.",
 )
 
 # What ended access (keystore/access.py reasons) -> (what happened, what to do next).
@@ -148,6 +194,7 @@ _ACCESS_ENDED_BECAUSE = {
     ),
     "sandbox_target_changed": ("{sandbox} moved to a new host", "connect again."),
     "org_deleted": ("your organization was removed", "contact your organization's owner."),
+    "org_disabled": ("your organization was disabled", "contact your organization's owner."),
 }
 
 

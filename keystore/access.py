@@ -21,6 +21,7 @@ from keystore.db import Executor, unavailable_on_failure
 
 # Why a grant is no longer valid, most fundamental first (the first that applies is reported).
 ORG_DELETED = "org_deleted"
+ORG_DISABLED = "org_disabled"  # e.g. its WorkOS organization was deleted
 SANDBOX_DELETED = "sandbox_deleted"
 SANDBOX_MOVED = "sandbox_moved"  # now owned by another organization
 SANDBOX_STOPPED = "sandbox_stopped"  # status is not 'running'
@@ -30,6 +31,7 @@ KEY_EXPIRED = "key_expired"
 TARGET_CHANGED = "sandbox_target_changed"  # upstream host/port or login user differ
 REASONS = (
     ORG_DELETED,
+    ORG_DISABLED,
     SANDBOX_DELETED,
     SANDBOX_MOVED,
     SANDBOX_STOPPED,
@@ -81,6 +83,7 @@ _CHECK_SQL = """
 SELECT g.n,
        CASE
            WHEN o.id IS NULL THEN 'org_deleted'
+           WHEN o.disabled_at IS NOT NULL THEN 'org_disabled'
            WHEN s.id IS NULL THEN 'sandbox_deleted'
            WHEN s.org_id <> g.org_id THEN 'sandbox_moved'
            WHEN s.status <> 'running' THEN 'sandbox_stopped'

@@ -17,6 +17,7 @@ import asyncpg
 from keystore import tokens
 from keystore.db import Executor, acquire, unavailable_on_failure
 from keystore.errors import InvalidInput, InvalidToken, KeystoreError, NotFound
+from keystore.models import Creator
 
 __all__ = [
     "MAX_GRACE",
@@ -41,7 +42,7 @@ TOUCH_INTERVAL = dt.timedelta(seconds=60)
 
 _COLUMNS = (
     "id, org_id, name, environment, lookup, scopes, created_at, expires_at, last_used_at, "
-    "revoked_at, created_by"
+    "revoked_at, created_by, created_by_type, created_by_member"
 )
 
 # A well-formed hash to compare against when the lookup finds nothing, so that an unknown key
@@ -52,8 +53,9 @@ _DUMMY_HASH = tokens.hash_token("rt_live_" + "0" * (tokens.LOOKUP_LEN + tokens.S
 class AuthenticationFailed(KeystoreError):
     """The presented API key cannot be used. ``reason`` says why; ``str()`` is for a person.
 
-    Reasons: ``malformed``, ``unknown``, ``expired``, ``revoked``. ``expired`` and ``revoked``
-    are only ever reported after the secret was verified, so they tell nothing to a guesser.
+    Reasons: ``malformed``, ``unknown``, ``expired``, ``revoked``, ``org_disabled`` (its
+    organization was disabled). All but the first two are only ever reported after the secret
+    was verified, so they tell nothing to a guesser.
     """
 
     code = "invalid_api_key"
@@ -78,11 +80,27 @@ class ApiKey:
     last_used_at: dt.datetime | None
     revoked_at: dt.datetime | None
     created_by: uuid.UUID | None
+    """The API key that created this one (None for a member, the CLI, or older keys)."""
+    created_by_type: str | None = None
+    """``member``, ``api_key``, ``cli``, or None for keys older than that."""
+    created_by_member: str | None = None
+    """The member's WorkOS user id when a member created it."""
 
     @property
     def prefix(self) -> str:
         """The non-secret start of the key (``rt_live_`` + lookup), to tell keys apart."""
         return f"rt_{self.environment}_{self.lookup}"
+
+    @property
+    def creator(self) -> Creator | None:
+        """Who created the key, when known."""
+        if self.created_by_type == "member" and self.created_by_member:
+            return Creator("member", self.created_by_member)
+        if self.created_by_type == "cli":
+            return Creator("cli", "cli")
+        if self.created_by is not None:
+            return Creator("api_key", str(self.created_by))
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +123,8 @@ def _key(row: asyncpg.Record) -> ApiKey:
         last_used_at=row["last_used_at"],
         revoked_at=row["revoked_at"],
         created_by=row["created_by"],
+        created_by_type=row["created_by_type"],
+        created_by_member=row["created_by_member"],
     )
 
 
@@ -125,14 +145,20 @@ async def _insert(
     scopes: tuple[str, ...],
     environment: str,
     expires_in: dt.timedelta | None,
-    created_by: uuid.UUID | None,
+    created_by: Creator | None,
+    not_after: dt.datetime | None,
 ) -> CreatedApiKey:
     issued = tokens.issue(environment)
+    creator_key: uuid.UUID | None = None
+    if created_by is not None and created_by.type == "api_key":
+        creator_key = uuid.UUID(created_by.id)
+    # LEAST ignores NULLs: no lifetime and no cap -> never expires; either alone -> that one.
     row = await conn.fetchrow(
         f"""
         INSERT INTO api_keys (org_id, name, environment, lookup, token_hash, scopes,
-                              expires_at, created_by)
-        VALUES ($1, $2, $3, $4, $5, $6, now() + $7::interval, $8)
+                              expires_at, created_by, created_by_type, created_by_member)
+        VALUES ($1, $2, $3, $4, $5, $6, LEAST(now() + $7::interval, $9::timestamptz),
+                $8, $10, $11)
         RETURNING {_COLUMNS}
         """,  # noqa: S608 - constant column list
         org_id,
@@ -142,7 +168,10 @@ async def _insert(
         issued.token_hash,
         list(scopes),
         expires_in,
-        created_by,
+        creator_key,
+        not_after,
+        created_by.type if created_by else None,
+        created_by.id if created_by and created_by.type == "member" else None,
     )
     return CreatedApiKey(key=_key(row), secret=issued.token)
 
@@ -155,9 +184,13 @@ async def create_key(
     scopes: Sequence[str],
     environment: str = "live",
     expires_in: dt.timedelta | None = None,
-    created_by: uuid.UUID | None = None,
+    created_by: Creator | None = None,
+    not_after: dt.datetime | None = None,
 ) -> CreatedApiKey:
-    """Issue a new key for the org. The secret is in the result and nowhere else."""
+    """Issue a new key for the org. The secret is in the result and nowhere else.
+
+    ``not_after`` caps its expiry (a key created by a key that expires cannot outlive it).
+    """
     name = check_name(name)
     checked = tokens.validate_scopes(list(scopes))
     if expires_in is not None and expires_in <= dt.timedelta(0):
@@ -172,6 +205,7 @@ async def create_key(
                 environment=environment,
                 expires_in=expires_in,
                 created_by=created_by,
+                not_after=not_after,
             )
         except asyncpg.ForeignKeyViolationError as exc:
             raise NotFound("organization not found") from exc
@@ -189,7 +223,9 @@ async def authenticate(db: Executor, token: str) -> ApiKey:
     with unavailable_on_failure("checking an API key"):
         row = await db.fetchrow(
             f"SELECT {_COLUMNS}, token_hash, "  # noqa: S608 - constant column list
-            "(expires_at IS NOT NULL AND expires_at <= now()) AS expired "
+            "(expires_at IS NOT NULL AND expires_at <= now()) AS expired, "
+            "(SELECT o.disabled_at IS NOT NULL FROM organizations o "
+            " WHERE o.id = api_keys.org_id) AS org_disabled "
             "FROM api_keys WHERE lookup = $1",
             parsed.lookup,
         )
@@ -201,6 +237,8 @@ async def authenticate(db: Executor, token: str) -> ApiKey:
         raise AuthenticationFailed("revoked", "This API key has been revoked.")
     if row["expired"]:
         raise AuthenticationFailed("expired", "This API key has expired.")
+    if row["org_disabled"]:
+        raise AuthenticationFailed("org_disabled", "This API key's organization has been disabled.")
     return _key(row)
 
 
@@ -281,14 +319,16 @@ async def rotate_key(
     *,
     grace: dt.timedelta | None = None,
     expires_in: dt.timedelta | None = None,
-    created_by: uuid.UUID | None = None,
+    created_by: Creator | None = None,
+    not_after: dt.datetime | None = None,
 ) -> tuple[CreatedApiKey, ApiKey]:
     """Issue a successor with the same name, scopes and environment; retire the old key.
 
     Without ``grace`` the old key is revoked at once. With it, the old key keeps working until
     now + grace (never longer than it would have anyway) and is then refused as expired.
     The successor expires after ``expires_in``, or else after the old key's own lifetime
-    (created_at to expires_at) if it had one, or never. Returns (successor, old key as updated).
+    (created_at to expires_at) if it had one, or never, and never after ``not_after``.
+    Returns (successor, old key as updated).
     """
     if grace is not None and not dt.timedelta(0) < grace <= MAX_GRACE:
         raise InvalidInput(
@@ -316,6 +356,7 @@ async def rotate_key(
                 environment=old["environment"],
                 expires_in=expires_in,
                 created_by=created_by,
+                not_after=not_after,
             )
             if grace is None:
                 updated = await conn.fetchrow(

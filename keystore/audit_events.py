@@ -70,3 +70,99 @@ async def recent(
             limit,
         )
     return [dict(r) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class AuditFilter:
+    """What ``GET /v1/audit-events`` may ask for; None: any. ``action_prefix`` matches actions
+    that start with it (``api.ssh_key.`` for every SSH-key change). ``since`` is inclusive,
+    ``until`` exclusive."""
+
+    action: str | None = None
+    action_prefix: str | None = None
+    actor: str | None = None
+    target: str | None = None
+    result: str | None = None
+    since: dt.datetime | None = None
+    until: dt.datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    id: int
+    occurred_at: dt.datetime
+    action: str
+    result: str
+    reason: str | None
+    actor: str | None
+    target: str | None
+    source_ip: str | None
+    details: dict[str, Any]
+
+
+def _like_prefix(prefix: str) -> str:
+    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped + "%"
+
+
+def _details(raw: Any) -> dict[str, Any]:
+    value = json.loads(raw) if isinstance(raw, str | bytes) else raw
+    return value if isinstance(value, dict) else {"value": value}
+
+
+async def query(
+    db: Executor,
+    org_id: uuid.UUID,
+    where: AuditFilter,
+    *,
+    before: tuple[dt.datetime, int] | None = None,
+    limit: int = 50,
+) -> list[StoredEvent]:
+    """The organization's events matching ``where``, newest first (by time, then id);
+    ``before`` is the keyset cursor of the previous page (its last event's time and id).
+    Only ever the one organization's events."""
+    before_time, before_id = before if before else (None, None)
+    with unavailable_on_failure("reading audit events"):
+        rows = await db.fetch(
+            """
+            SELECT id, occurred_at, action, result, reason, actor, target,
+                   host(source_ip) AS source_ip, details
+            FROM audit_events
+            WHERE org_id = $1
+              AND ($2::text IS NULL OR action = $2)
+              AND ($3::text IS NULL OR action LIKE $3 ESCAPE '\\')
+              AND ($4::text IS NULL OR actor = $4)
+              AND ($5::text IS NULL OR target = $5)
+              AND ($6::text IS NULL OR result = $6)
+              AND ($7::timestamptz IS NULL OR occurred_at >= $7)
+              AND ($8::timestamptz IS NULL OR occurred_at < $8)
+              AND ($9::timestamptz IS NULL OR (occurred_at, id) < ($9, $10::bigint))
+            ORDER BY occurred_at DESC, id DESC
+            LIMIT $11
+            """,
+            org_id,
+            where.action,
+            _like_prefix(where.action_prefix) if where.action_prefix is not None else None,
+            where.actor,
+            where.target,
+            where.result,
+            where.since,
+            where.until,
+            before_time,
+            before_id,
+            limit,
+        )
+    return [
+        StoredEvent(
+            id=row["id"],
+            occurred_at=row["occurred_at"],
+            action=row["action"],
+            result=row["result"],
+            reason=row["reason"],
+            actor=row["actor"],
+            target=row["target"],
+            source_ip=row["source_ip"],
+            details=_details(row["details"]),
+        )
+        for row in rows
+    ]

@@ -2,10 +2,10 @@
 
 Triggers installed by migration 0002 raise ``pg_notify('rtgw_access', payload)`` whenever access
 may have shrunk (a key revoked, deleted or its expiry changed; a sandbox stopped, deleted, moved
-to another organization or pointed elsewhere; an organization deleted; one of those tables
-truncated), whoever made the change. :func:`parse_change` turns a payload into an
-:class:`AccessChange`; :class:`ChangeListener` keeps one dedicated connection per process
-LISTENing on the channel, and re-establishes it by itself.
+to another organization or pointed elsewhere; an organization deleted, or disabled (migration
+0003); one of those tables truncated), whoever made the change. :func:`parse_change` turns a
+payload into an :class:`AccessChange`; :class:`ChangeListener` keeps one dedicated connection
+per process LISTENing on the channel, and re-establishes it by itself.
 
 Notifications are only delivered to a connection that is listening at commit time: whatever is
 committed while the listener is down is lost. That is why every (re)subscription is followed by
@@ -51,7 +51,8 @@ class AccessChange:
     """One notification: something that may narrow access changed.
 
     ``kind`` says what changed: ``ssh_key`` (``key_id`` and ``fingerprint`` set), ``sandbox``
-    (``sandbox_id`` set), ``org`` (the organization ``org_id`` was deleted) or ``all`` (a table
+    (``sandbox_id`` set), ``org`` (the organization ``org_id`` was deleted, op ``delete``, or
+    disabled or re-enabled, op ``update``) or ``all`` (a table
     was truncated: re-check everything; ``org_id`` is None). ``org_id`` is the organization that
     may lose access (for a key or sandbox moved to another organization, the old one). ``op`` is
     ``update``, ``delete`` or ``truncate``; ``changed`` names the columns an update changed

@@ -4,6 +4,7 @@ KeystoreError
  +-- Unavailable        the database cannot be reached or answered with a server error
  +-- NotFound           the named row does not exist *in the caller's organization*
  +-- Conflict           a uniqueness rule would be broken (e.g. a fingerprint already registered)
+ +-- MemberRemoved      a member acting with a session token issued before their removal
  +-- InvalidInput       the caller's input is malformed; ``str(exc)`` is a message for a person
       +-- InvalidPublicKey
       +-- InvalidToken
@@ -33,6 +34,12 @@ class Conflict(KeystoreError):
     def __init__(self, message: str, existing_id: str | None = None) -> None:
         super().__init__(message)
         self.existing_id = existing_id
+
+
+class MemberRemoved(KeystoreError):
+    """The member was removed from the organization after their session token was issued."""
+
+    code = "member_removed"
 
 
 class InvalidInput(KeystoreError):

@@ -13,6 +13,31 @@ class Org:
     slug: str
     name: str
     created_at: dt.datetime
+    workos_org_id: str | None = None
+    """The WorkOS organization whose members' session tokens act for this one."""
+    disabled_at: dt.datetime | None = None
+    """Set when the organization was disabled (its WorkOS organization was deleted)."""
+
+
+CREATOR_TYPES = ("member", "api_key", "cli")
+
+
+@dataclass(frozen=True, slots=True)
+class Creator:
+    """Who registered a key: a member (``id`` is the WorkOS user id), an API key (its id) or
+    the admin CLI (``id`` is ``cli``)."""
+
+    type: str
+    id: str
+
+    def __post_init__(self) -> None:
+        if self.type not in CREATOR_TYPES:
+            raise ValueError(f"creator type must be one of {CREATOR_TYPES}")
+        if not 1 <= len(self.id) <= 200:
+            raise ValueError("creator id must be 1-200 characters")
+
+
+CLI = Creator("cli", "cli")
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +79,10 @@ class SshKey:
     last_used_at: dt.datetime | None
     revoked_at: dt.datetime | None
     expires_at: dt.datetime | None
+    created_by: str | None = None
+    """The member's user id, the API key's id or ``cli``; None for keys older than that."""
+    created_by_type: str | None = None
+    """``member``, ``api_key`` or ``cli`` (None with ``created_by``)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -122,6 +122,7 @@ async def access_for(db: Executor, sandbox_id: str) -> SandboxAccess | None:
     """The sandbox and every key of *its own* organization that may open it, in one query.
 
     The join is on the sandbox's org_id: a key of another organization can never appear.
+    A disabled organization's sandbox comes with no key, so every login to it is refused.
     None when the sandbox does not exist.
     """
     with unavailable_on_failure("loading keys for a login"):
@@ -140,6 +141,7 @@ async def access_for(db: Executor, sandbox_id: str) -> SandboxAccess | None:
             JOIN organizations o ON o.id = s.org_id
             LEFT JOIN ssh_keys k
                    ON k.org_id = s.org_id
+                  AND o.disabled_at IS NULL
                   AND k.revoked_at IS NULL
                   AND (k.expires_at IS NULL OR k.expires_at > now())
             WHERE s.id = $1

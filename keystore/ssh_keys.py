@@ -7,15 +7,15 @@ import uuid
 
 import asyncpg
 
-from keystore.db import Executor, unavailable_on_failure
+from keystore.db import Executor, acquire, unavailable_on_failure
 from keystore.errors import Conflict, InvalidInput, NotFound
 from keystore.keys import ParsedKey
-from keystore.models import SshKey
+from keystore.models import Creator, SshKey
 
 _COLUMNS = (
     "k.id, k.org_id, k.project_id, p.slug AS project_slug, k.name, k.algorithm, k.bits, "
     "k.fingerprint, k.public_key, k.comment, k.created_at, k.last_used_at, k.revoked_at, "
-    "k.expires_at"
+    "k.expires_at, k.created_by, k.created_by_type"
 )
 _FROM = "FROM ssh_keys k JOIN projects p ON p.id = k.project_id AND p.org_id = k.org_id"
 
@@ -39,32 +39,43 @@ async def add_key(
     key: ParsedKey,
     name: str,
     expires_at: dt.datetime | None = None,
+    created_by: Creator | None = None,
 ) -> SshKey:
-    """Register ``key`` for the org; ``Conflict`` names the key already holding the fingerprint."""
+    """Register ``key`` for the org; ``Conflict`` names the key already holding the fingerprint.
+
+    ``created_by``: who registered it (a member, an API key, the CLI), shown with the key; a
+    member's keys are revoked when WorkOS says the member left the organization.
+    """
     name = check_name(name)
     with unavailable_on_failure("registering an SSH key"):
         try:
-            row = await db.fetchrow(
-                f"""
-                WITH k AS (
-                    INSERT INTO ssh_keys (org_id, project_id, name, algorithm, bits,
-                                          fingerprint, public_key, comment, expires_at)
-                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-                    RETURNING *
+            # A savepoint when ``db`` is a connection in a transaction (a member's write, see
+            # keystore.members.acting), so the lookup below still works after a conflict.
+            async with acquire(db) as conn, conn.transaction():
+                row = await conn.fetchrow(
+                    f"""
+                    WITH k AS (
+                        INSERT INTO ssh_keys (org_id, project_id, name, algorithm, bits,
+                                              fingerprint, public_key, comment, expires_at,
+                                              created_by, created_by_type)
+                        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                        RETURNING *
+                    )
+                    SELECT {_COLUMNS} FROM k JOIN projects p
+                        ON p.id = k.project_id AND p.org_id = k.org_id
+                    """,  # noqa: S608 - constant column list
+                    org_id,
+                    project_id,
+                    name,
+                    key.algorithm,
+                    key.bits,
+                    key.fingerprint,
+                    key.public_key,
+                    key.comment,
+                    expires_at,
+                    created_by.id if created_by else None,
+                    created_by.type if created_by else None,
                 )
-                SELECT {_COLUMNS} FROM k JOIN projects p
-                    ON p.id = k.project_id AND p.org_id = k.org_id
-                """,  # noqa: S608 - constant column list
-                org_id,
-                project_id,
-                name,
-                key.algorithm,
-                key.bits,
-                key.fingerprint,
-                key.public_key,
-                key.comment,
-                expires_at,
-            )
         except asyncpg.UniqueViolationError as exc:
             existing = await db.fetchrow(
                 "SELECT id, name FROM ssh_keys WHERE org_id = $1 AND fingerprint = $2 "
@@ -134,25 +145,34 @@ async def update_key(
     *,
     name: str | None = None,
     project_id: uuid.UUID | None = None,
+    member: str | None = None,
 ) -> SshKey:
+    """Rename and/or move a key; with ``member``, only a key that member registered."""
     if name is not None:
         name = check_name(name)
     with unavailable_on_failure("updating an SSH key"):
         result = await db.execute(
             "UPDATE ssh_keys SET name = coalesce($3, name), project_id = coalesce($4, project_id) "
-            "WHERE org_id = $1 AND id = $2 AND revoked_at IS NULL",
+            "WHERE org_id = $1 AND id = $2 AND revoked_at IS NULL "
+            "AND ($5::text IS NULL OR (created_by_type = 'member' AND created_by = $5))",
             org_id,
             key_id,
             name,
             project_id,
+            member,
         )
     if result == "UPDATE 0":
         raise NotFound("no such SSH key in this organization")
     return await get_key(db, org_id, key_id)
 
 
-async def revoke_key(db: Executor, org_id: uuid.UUID, id_or_fingerprint: str) -> SshKey:
-    """Revoke by id or by ``SHA256:`` fingerprint; effective for every login after this returns."""
+async def revoke_key(
+    db: Executor, org_id: uuid.UUID, id_or_fingerprint: str, *, member: str | None = None
+) -> SshKey:
+    """Revoke by id or by ``SHA256:`` fingerprint; effective for every login after this returns.
+
+    With ``member``, only a key that member registered is revoked (NotFound otherwise).
+    """
     key_id: uuid.UUID | None = None
     fingerprint: str | None = None
     if id_or_fingerprint.startswith("SHA256:"):
@@ -171,6 +191,7 @@ async def revoke_key(db: Executor, org_id: uuid.UUID, id_or_fingerprint: str) ->
                 UPDATE ssh_keys SET revoked_at = now()
                 WHERE org_id = $1 AND revoked_at IS NULL
                   AND (id = $2::uuid OR fingerprint = $3::text)
+                  AND ($4::text IS NULL OR (created_by_type = 'member' AND created_by = $4))
                 RETURNING *
             )
             SELECT {_COLUMNS} FROM k JOIN projects p ON p.id = k.project_id AND p.org_id = k.org_id
@@ -178,10 +199,34 @@ async def revoke_key(db: Executor, org_id: uuid.UUID, id_or_fingerprint: str) ->
             org_id,
             key_id,
             fingerprint,
+            member,
         )
     if row is None:
         raise NotFound("no active SSH key with that id or fingerprint in this organization")
     return _key(row)
+
+
+async def revoke_member_keys(db: Executor, org_id: uuid.UUID, user_id: str) -> list[SshKey]:
+    """Revoke every active key the member ``user_id`` registered in the org; the keys revoked.
+
+    Each revocation notifies the gateways (migration 0002), which end the keys' live sessions.
+    """
+    with unavailable_on_failure("revoking a member's SSH keys"):
+        rows = await db.fetch(
+            f"""
+            WITH k AS (
+                UPDATE ssh_keys SET revoked_at = now()
+                WHERE org_id = $1 AND created_by_type = 'member' AND created_by = $2
+                  AND revoked_at IS NULL
+                RETURNING *
+            )
+            SELECT {_COLUMNS} FROM k JOIN projects p ON p.id = k.project_id AND p.org_id = k.org_id
+            ORDER BY k.created_at, k.id
+            """,  # noqa: S608 - constant column list
+            org_id,
+            user_id,
+        )
+    return [_key(r) for r in rows]
 
 
 async def touch_last_used(db: Executor, org_id: uuid.UUID, key_id: uuid.UUID) -> None:

@@ -60,6 +60,7 @@ SCOPES: frozenset[str] = frozenset(
         "api-key:*",
         "api-key:read",
         "api-key:write",
+        "audit:read",
     }
 )
 _CONCRETE_SCOPES = frozenset(s for s in SCOPES if s != "*" and not s.endswith(":*"))

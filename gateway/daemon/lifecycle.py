@@ -40,7 +40,7 @@ from gateway.ssh.runtime import Runtime
 from gateway.ssh.runtime import configure as runtime_configure
 from gateway.ssh.server import GatewayConnection
 from gateway.upstream import connect as upstream
-from gateway.upstream.pool import UpstreamPool
+from gateway.upstream.pool import PoolLimits, UpstreamPool
 from keystore import db as keystore_db
 from keystore.changes import ChangeListener
 from keystore.errors import Unavailable
@@ -162,13 +162,20 @@ class Gateway:
         audit.start()
         self.runtime = Runtime(config=config, db=pool, upstream_key=upstream_key, audit=audit)
         rt_ = self.runtime
+        started = config.upstream  # max_sessions_per_connection, pool_idle_seconds: restart
         rt_.upstream_pool = UpstreamPool(
             # Read config and key at call time, so a reload applies to new connections.
             lambda target: upstream.connect(
                 target, client_key=rt_.upstream_key, config=rt_.config.upstream
             ),
-            max_sessions=config.upstream.max_sessions_per_connection,
-            idle_seconds=config.upstream.pool_idle_seconds,
+            limits=lambda: PoolLimits(
+                max_sessions=started.max_sessions_per_connection,
+                idle_seconds=started.pool_idle_seconds,
+                max_conns_per_target=rt_.config.upstream.max_connections_per_sandbox,
+                max_total=rt_.config.upstream.max_connections_total,
+                lease_timeout_seconds=rt_.config.upstream.lease_timeout_seconds,
+            ),
+            on_change=metrics.upstream_pool_changed,
         )
         rt = self.runtime
         runtime_configure(rt)
@@ -231,6 +238,20 @@ class Gateway:
             max_body_bytes=config.api.max_body_bytes,
             record_audit=rt.audit.record,
             extra_routes=routes,
+            rate_per_second=config.api.key_rate_per_second,
+            rate_burst=config.api.key_rate_burst,
+            header_timeout_seconds=config.api.header_timeout_seconds,
+            idle_timeout_seconds=config.api.idle_timeout_seconds,
+            body_timeout_seconds=config.api.body_timeout_seconds,
+            max_connections_per_source=config.api.max_connections_per_source,
+            invalid_key_burst=config.api.invalid_key_burst,
+            invalid_key_per_second=config.api.invalid_key_per_second,
+            ipv4_prefix=config.admission.ipv4_prefix,
+            ipv6_prefix=config.admission.ipv6_prefix,
+            workos_jwks_url=config.workos.jwks_url,
+            workos_issuer=config.workos.issuer,
+            workos_webhook_secret=config.workos.webhook_secret,
+            workos_roles=config.workos.roles,
         )
         self.api_port = self._api.port
         if routes:
@@ -238,7 +259,12 @@ class Gateway:
 
     async def _start_revocation(self, rt: Runtime) -> None:
         """Subscribe to access changes, then reconcile, before the SSH port opens."""
-        revocation = Revocation(rt.registry, rt.db, mode=self.config.revocation.mode)
+        revocation = Revocation(
+            rt.registry,
+            rt.db,
+            mode=self.config.revocation.mode,
+            register_key_hint=lambda: rt.config.ssh.register_key_hint,
+        )
 
         async def subscribed() -> None:
             await revocation.reconcile()
@@ -406,6 +432,8 @@ class Gateway:
         if self._changes is not None:
             with contextlib.suppress(Exception):
                 await self._changes.close()
+        if rt.revocation is not None:
+            rt.revocation.close()
         await rt.audit.close()
         if rt.upstream_pool is not None:
             await rt.upstream_pool.close()

@@ -112,6 +112,31 @@ RELAY_BUFFER_REFUSALS = Counter(
     "Channels refused because the relay buffer budget was reached (buffer_budget_exhausted)",
     ["type"],
 )
+QUOTA_REFUSALS = Counter(
+    "rtgw_quota_refusals",
+    "Channels and connections refused after auth by a quota or the upstream capacity, by "
+    "reason code (gateway/messages.py)",
+    ["reason"],
+)
+UPSTREAM_POOL = Gauge(
+    "rtgw_upstream_pool",
+    "Shared upstream connections: connections, leases (channels on them), opening (connects "
+    "in flight), waiting (channels waiting for a free slot), targets (sandboxes)",
+    ["state"],
+    multiprocess_mode="livesum",
+)
+
+
+_pool_last: dict[str, int] = {}
+
+
+def upstream_pool_changed(stats: dict[str, int]) -> None:
+    """The upstream pool's ``on_change`` hook (gateway/upstream/pool.py): called on every
+    lease, so only the values that changed are written."""
+    for state, value in stats.items():
+        if _pool_last.get(state) != value:
+            _pool_last[state] = value
+            UPSTREAM_POOL.labels(state).set(value)
 
 
 def _short(kind: str) -> str:

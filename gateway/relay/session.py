@@ -6,7 +6,10 @@ a hand-written pair: ``ClientSide`` (an SSHServerSession facing the user) and ``
 subsystem, env) is replayed on an upstream channel; data, EOF, window changes, signals, break,
 exit status and exit signal flow back and forth. Flow control is end to end: when one side's
 send buffer fills, the other side stops reading, which stops SSH window adjusts, which pushes
-back on the sender.
+back on the sender. A send buffer also fills while its connection's TCP socket is full
+(gateway/asyncssh_patches.py, ``pause-writing-reaches-channels``), so a peer that stops reading
+costs at most the session's windows, which it reserves from the process's buffer budget
+(gateway/relay/budget.py) when it starts; over budget, the session is refused.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from structlog.typing import FilteringBoundLogger
 
 from gateway import messages
 from gateway.errors import UpstreamError
+from gateway.relay import budget
 
 # Renders the one stderr line a user sees when the gateway ends a session: (reason code,
 # technical detail) -> text. The relay does not know why a user was let in or how the
@@ -128,6 +132,7 @@ class ClientSide(asyncssh.SSHServerSession[bytes]):
         self._ended = False
         self._upstream_eof = False
         self._exit_reported = False
+        self._hold: budget.Hold | None = None
         self.exit_signal: tuple[str, bool, str, str] | None = None
         self.summary = SessionSummary()
 
@@ -160,6 +165,16 @@ class ClientSide(asyncssh.SSHServerSession[bytes]):
         return True
 
     def session_started(self) -> None:
+        window = self._chan.get_recv_window() if self._chan is not None else None
+        self._hold = budget.BUFFERS.reserve(
+            budget.relay_cost(window or budget.DEFAULT_WINDOW), "session"
+        )
+        if self._hold is None:
+            code = messages.BUFFER_BUDGET_EXHAUSTED.code
+            self._log.warning("session_refused", reason=code)
+            self._fail(messages.BUFFER_BUDGET_EXHAUSTED.render(what="session"), code)
+            return
+        self._hold.tie_to(self)
         self._task = asyncio.get_running_loop().create_task(self._open_upstream())
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
@@ -284,6 +299,8 @@ class ClientSide(asyncssh.SSHServerSession[bytes]):
             kwargs: dict[str, Any] = {
                 "env": filtered_env(chan.get_environment_bytes()),
                 "encoding": None,
+                # The same window as the client's leg: what relay_cost() reserved for.
+                "window": chan.get_recv_window(),
             }
             if self._pty is not None:
                 term_type, term_size, term_modes = self._pty
@@ -339,6 +356,8 @@ class ClientSide(asyncssh.SSHServerSession[bytes]):
         chan.exit(messages.GATEWAY_EXIT_STATUS)
 
     def _finish(self) -> None:
+        if self._hold is not None:
+            self._hold.release()
         if not self._ended:
             self._ended = True
             self._on_end(self.summary)

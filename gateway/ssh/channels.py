@@ -5,14 +5,32 @@ connection to the sandbox, holds the leases (released when the channel ends, or 
 with the client connection), counts channels in metrics, writes the session audit rows, and
 renders the one line a user sees when a channel fails, from gateway/messages.py, once.
 The bytes themselves are moved by gateway/relay/.
+
+Quotas (gateway/ssh/quotas.py) are checked as each channel is asked for: sessions
+(``ssh.max_sessions_per_connection``), forwarding channels
+(``quotas.max_forwards_per_connection``) and the connection's share of its sandbox's upstream
+capacity (``quotas.upstream_share_percent``). A refused forwarding channel fails to open with
+the text (``ssh`` prints it); a refused session opens, prints the text on stderr and exits 255,
+so that the user of a ControlMaster sees it too (a mux client whose session open is refused
+says nothing and quietly logs in again on a connection of its own).
+
+Whatever order things end in, no upstream slot outlives its channel: a session's slot is
+free for the next one as soon as the session's channel is closing (not when the client's
+CLOSE has been processed a loop turn later), its lease goes back when the sandbox's channel
+closes, forwarding channels still waiting for a lease when the client connection drops are
+cancelled, and a lease or an upstream channel that arrives after the client left is given
+back or closed at once. A session the sandbox refuses (its MaxSessions, lower than
+``upstream.max_sessions_per_connection``) marks that upstream connection full
+(``Lease.report_full``) and is retried once on another one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import asyncssh
 from structlog.typing import FilteringBoundLogger
@@ -22,11 +40,14 @@ from gateway.daemon import metrics
 from gateway.errors import UpstreamError
 from gateway.relay.forward import TunnelEnd, open_tunnel
 from gateway.relay.session import ClientSide, SessionSummary
+from gateway.ssh import quotas
 from gateway.ssh.auth import Accept
 from gateway.ssh.runtime import Runtime
-from gateway.upstream.pool import LeaseBook
+from gateway.upstream.pool import Lease, LeaseBook
 from gateway.upstream.target import Target
 from keystore.audit_events import AuditEvent
+
+T = TypeVar("T")
 
 # Failures a user can meet when a channel is opened, by reason code.
 _UPSTREAM_REASONS = {
@@ -37,12 +58,15 @@ _UPSTREAM_REASONS = {
         messages.UPSTREAM_AUTH_FAILED,
         messages.UPSTREAM_UNREACHABLE,
         messages.UPSTREAM_REFUSED,
+        messages.UPSTREAM_BUSY,
         messages.GATEWAY_DRAINING,
         messages.TOO_MANY_SESSIONS,
         messages.ACCESS_ENDED,
         messages.REVOCATION_UNVERIFIED,
     )
 }
+
+_CLIENT_GONE = "client connection closed"
 
 
 class AuditedSession(ClientSide):
@@ -55,6 +79,13 @@ class AuditedSession(ClientSide):
         self.has_pty = False
         self._user_chan: asyncssh.SSHServerChannel[bytes] | None = None
         self._noticed = False
+
+    @property
+    def closing(self) -> bool:
+        """The session is over for the user (exit sent, or the client closed its channel):
+        asyncssh only waits for the other side's CLOSE before it forgets the channel."""
+        chan = self._user_chan
+        return chan is not None and chan.is_closing()
 
     def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:  # type: ignore[override]
         self._user_chan = chan
@@ -70,6 +101,10 @@ class AuditedSession(ClientSide):
         super().session_started()
         self._owner.session_started(self)
 
+    def upstream_closed(self, exc: Exception | None) -> None:
+        super().upstream_closed(exc)
+        self._owner.upstream_channel_closed(self)  # the sandbox's channel is gone: free its slot
+
     def notice(self, text: str) -> None:
         """One stderr line; the session goes on (e.g. drain has begun)."""
         chan = self._user_chan
@@ -79,6 +114,90 @@ class AuditedSession(ClientSide):
         end = b"\r\n" if self.has_pty else b"\n"
         with contextlib.suppress(OSError, asyncssh.Error):
             chan.write_stderr(text.encode() + end)
+
+
+class RefusedSession(asyncssh.SSHServerSession[bytes]):
+    """A session over a quota: it opens, says why on stderr and exits 255, using no upstream.
+
+    Refusing the channel open instead would reach no ControlMaster user: the mux master keeps
+    the text to itself and its client logs in anew on a connection of its own."""
+
+    def __init__(self, text: str, on_end: Callable[[], None]) -> None:
+        self._text = text
+        self._on_end: Callable[[], None] | None = on_end
+        self._chan: asyncssh.SSHServerChannel[bytes] | None = None
+        self._pty = False
+
+    def connection_made(self, chan: asyncssh.SSHServerChannel[bytes]) -> None:  # type: ignore[override]
+        self._chan = chan
+
+    def pty_requested(
+        self, term_type: str, term_size: tuple[int, int, int, int], term_modes: Any
+    ) -> bool:
+        self._pty = True
+        return True
+
+    def shell_requested(self) -> bool:
+        return True
+
+    def exec_requested(self, command: str) -> bool:
+        return True
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        return True
+
+    def session_started(self) -> None:
+        chan = self._chan
+        if chan is None or chan.is_closing():
+            return
+        with contextlib.suppress(OSError, asyncssh.Error):
+            chan.write_stderr(self._text.encode() + (b"\r\n" if self._pty else b"\n"))
+            chan.exit(messages.GATEWAY_EXIT_STATUS)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        on_end, self._on_end = self._on_end, None
+        if on_end is not None:
+            on_end()
+
+
+class _SessionUpstream:
+    """What a session's relay sees as its upstream connection: ``create_session`` on the
+    leased connection, retried once on another when the sandbox refuses it as full."""
+
+    def __init__(self, owner: Channels, holder: object, lease: Lease) -> None:
+        self._owner = owner
+        self._holder = holder
+        self._lease = lease
+
+    async def create_session(
+        self, session_factory: Callable[[], asyncssh.SSHClientSession[Any]], *args: Any, **kw: Any
+    ) -> tuple[asyncssh.SSHClientChannel[Any], asyncssh.SSHClientSession[Any]]:
+        def open_on(
+            conn: asyncssh.SSHClientConnection,
+        ) -> Awaitable[tuple[asyncssh.SSHClientChannel[Any], asyncssh.SSHClientSession[Any]]]:
+            return conn.create_session(session_factory, *args, **kw)
+
+        return await self._owner.open_on_lease(
+            self._holder, self._lease, open_on, lambda opened: opened[0].close(), retry=True
+        )
+
+
+async def _opened_or_closed(opening: Awaitable[T], discard: Callable[[T], None]) -> T:
+    """Await an upstream channel open; if the caller is cancelled meanwhile, let the open
+    finish and close what it opened (a cancelled asyncssh open would leave the channel open
+    on the sandbox, holding one of its sessions, with nobody to close it)."""
+    task = asyncio.ensure_future(opening)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+
+        def close_it(done: asyncio.Future[T]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                with contextlib.suppress(Exception):
+                    discard(done.result())
+
+        task.add_done_callback(close_it)
+        raise
 
 
 class Channels:
@@ -106,11 +225,18 @@ class Channels:
         self._log = log
         self._leases = LeaseBook()
         self._sessions: set[AuditedSession] = set()
+        self._forwards: set[object] = set()  # forwarding channels open or being opened
+        self._opening: set[asyncio.Task[Any]] = set()  # forwarding channels being opened
+        self._refusing = 0  # RefusedSessions still open
         self._seq = 0
 
     @property
     def session_count(self) -> int:
         return len(self._sessions)
+
+    @property
+    def forward_count(self) -> int:
+        return len(self._forwards)
 
     @property
     def target(self) -> Target:
@@ -126,28 +252,92 @@ class Channels:
                 key=key,
                 hint=self._rt.config.ssh.register_key_hint,
             )
+        config = self._rt.config
         reason = _UPSTREAM_REASONS.get(code, messages.UPSTREAM_UNREACHABLE)
+        busy = code == messages.UPSTREAM_BUSY.code
         return reason.render(
             sandbox=self._accepted.sandbox.id,
             conn_id=self._conn_id,
-            seconds=self._rt.config.upstream.connect_timeout_seconds,
-            limit=self._rt.config.ssh.max_sessions_per_connection,
+            seconds=(
+                config.upstream.lease_timeout_seconds
+                if busy
+                else config.upstream.connect_timeout_seconds
+            ),
+            limit=config.ssh.max_sessions_per_connection,
+            capacity=self._capacity(),
             detail=detail or "no detail",
+        )
+
+    # --- quotas ---
+
+    def _capacity(self) -> int:
+        """The sandbox's upstream capacity: channels the pool may open to it at once."""
+        pool = self._rt.upstream_pool
+        if pool is not None:
+            return pool.limits.per_target
+        up = self._rt.config.upstream
+        return up.max_sessions_per_connection * up.max_connections_per_sandbox
+
+    def _live_sessions(self) -> int:
+        """Sessions that count toward the limit: not those already closing, whose slot is
+        free. A client that never acknowledges a close cannot pile them up: past twice the
+        limit of closing ones, every session counts."""
+        limit = self._rt.config.ssh.max_sessions_per_connection
+        live = sum(1 for s in self._sessions if not s.closing)
+        closing = len(self._sessions) - live
+        return live if closing < 2 * limit else len(self._sessions)
+
+    def _check(self, kind: quotas.ChannelKind) -> quotas.QuotaRefusal | None:
+        config = self._rt.config
+        refusal = quotas.check_channel(
+            kind,
+            sessions=self._live_sessions(),
+            forwards=len(self._forwards),
+            max_sessions=config.ssh.max_sessions_per_connection,
+            max_forwards=config.quotas.max_forwards_per_connection,
+            share=quotas.upstream_share(self._capacity(), config.quotas.upstream_share_percent),
+        )
+        if refusal is not None:
+            metrics.QUOTA_REFUSALS.labels(refusal.code).inc()
+            self._log.warning(
+                "channel_refused",
+                kind=kind,
+                reason=refusal.code,
+                limit=refusal.limit,
+                holding=refusal.count,
+            )
+        return refusal
+
+    def _quota_text(self, refusal: quotas.QuotaRefusal) -> str:
+        reason = {
+            messages.TOO_MANY_SESSIONS.code: messages.TOO_MANY_SESSIONS,
+            messages.TOO_MANY_FORWARDS.code: messages.TOO_MANY_FORWARDS,
+        }.get(refusal.code, messages.UPSTREAM_SHARE_EXCEEDED)
+        return reason.render(
+            limit=refusal.limit, capacity=self._capacity(), sandbox=self._accepted.sandbox.id
         )
 
     # --- session channels ---
 
-    def open_session(self) -> AuditedSession | None:
-        limit = self._rt.config.ssh.max_sessions_per_connection
-        if len(self._sessions) >= limit or self._rt.draining:
-            self._log.warning("session_refused", reason=messages.TOO_MANY_SESSIONS.code)
+    def open_session(self) -> asyncssh.SSHServerSession[bytes] | None:
+        """The session the client asked for, a ``RefusedSession`` over a quota, or None
+        (draining). Raises ChannelOpenError (with the text) when even refusals pile up."""
+        if self._rt.draining:
+            self._log.warning("session_refused", reason=messages.GATEWAY_DRAINING.code)
             return None
+        refusal = self._check("session")
+        if refusal is not None:
+            text = self._quota_text(refusal)
+            if self._refusing >= self._rt.config.ssh.max_sessions_per_connection:
+                raise asyncssh.ChannelOpenError(asyncssh.OPEN_RESOURCE_SHORTAGE, text)
+            self._refusing += 1
+            return RefusedSession(text, self._refused_session_ended)
         self._seq += 1
         session_id = f"{self._conn_id}-{self._seq}"
         session: AuditedSession = AuditedSession(
             owner=self,
             session_id=session_id,
-            upstream=lambda: self._lease(session),
+            upstream=lambda: self._session_upstream(session),
             describe=self.describe,
             log=self._log,
             on_end=lambda summary: self._session_ended(session, summary),
@@ -156,6 +346,14 @@ class Channels:
         metrics.CHANNELS_ACTIVE.labels("session").inc()
         self._log.info("session_open", session_id=session_id)
         return session
+
+    def _refused_session_ended(self) -> None:
+        self._refusing -= 1
+
+    async def _session_upstream(self, session: AuditedSession) -> asyncssh.SSHClientConnection:
+        lease = await self._lease(session)
+        # The relay only calls create_session on it (gateway/relay/session.py).
+        return cast(asyncssh.SSHClientConnection, _SessionUpstream(self, session, lease))
 
     def session_started(self, session: AuditedSession) -> None:
         self._rt.audit.record(
@@ -168,6 +366,9 @@ class Channels:
                 pty=session.has_pty,
             )
         )
+
+    def upstream_channel_closed(self, session: AuditedSession) -> None:
+        self._leases.release(session)
 
     def _session_ended(self, session: AuditedSession, summary: SessionSummary) -> None:
         if session not in self._sessions:
@@ -207,54 +408,95 @@ class Channels:
     def open_direct_tcpip(
         self, conn: asyncssh.SSHServerConnection, dest_host: str, dest_port: int
     ) -> Awaitable[TunnelEnd] | None:
-        """``ssh -L`` / ``-D`` / ``-W``: the TCP connection is opened inside the sandbox."""
+        """``ssh -L`` / ``-D`` / ``-W``: the TCP connection is opened inside the sandbox.
+
+        Over a quota, raises ChannelOpenError with the text (ssh prints it)."""
         if self._rt.draining:
             return None
+        refusal = self._check("forward")
+        if refusal is not None:
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_RESOURCE_SHORTAGE, self._quota_text(refusal)
+            )
         self._log.info("direct_tcpip", dest=f"{dest_host}:{dest_port}")
+        holder = object()
+        self._forwards.add(holder)
+        return self._through_sandbox(holder, dest_host, dest_port)
+
+    async def _through_sandbox(self, holder: object, dest_host: str, dest_port: int) -> TunnelEnd:
+        # Whatever fails here fails this channel only, with the reason in the open-failure
+        # text (ssh prints it), never the client's whole connection.
         gauge = metrics.CHANNELS_ACTIVE.labels("direct-tcpip")
 
-        async def through_sandbox() -> TunnelEnd:
-            # Whatever fails here fails this channel only, with the reason in the open-failure
-            # text (ssh prints it), never the client's whole connection.
-            holder = object()
-            try:
-                up = await self._lease(holder)
-            except UpstreamError as exc:
-                raise asyncssh.ChannelOpenError(
-                    asyncssh.OPEN_CONNECT_FAILED, self.describe(exc.reason_code, exc.detail)
-                ) from exc
+        def closed() -> None:
+            gauge.dec()
+            self._forward_ended(holder)
 
-            def closed() -> None:
-                gauge.dec()
-                self._leases.release(holder)
+        try:
+            lease = await self._cancellable(self._lease(holder))
+        except UpstreamError as exc:
+            self._forward_ended(holder)
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_CONNECT_FAILED, self.describe(exc.reason_code, exc.detail)
+            ) from exc
+        except BaseException:
+            self._forward_ended(holder)
+            raise
+        # Not cancellable from here on: cancelling an asyncssh open would leave the channel
+        # open in the sandbox with nobody to close it; and nothing may come between the
+        # tunnel's open and asyncssh handing it the client's channel, or the sandbox's first
+        # bytes (an sshd's banner for ssh -W) would reach an end with nowhere to write them.
+        try:
+            end = await open_tunnel(
+                cast(asyncssh.SSHClientConnection, lease.conn), dest_host, dest_port, closed
+            )
+        except asyncssh.ChannelOpenError:
+            self._forward_ended(holder)
+            raise
+        except (OSError, asyncssh.Error) as exc:
+            self._forward_ended(holder)
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_CONNECT_FAILED,
+                self.describe(messages.UPSTREAM_REFUSED.code, type(exc).__name__),
+            ) from exc
+        except BaseException:
+            self._forward_ended(holder)
+            raise
+        if self._leases.closed:  # the client left while the sandbox opened it
+            end.close()
+            self._forward_ended(holder)
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, _CLIENT_GONE)
+        gauge.inc()
+        return end
 
-            try:
-                end = await open_tunnel(up, dest_host, dest_port, closed)
-            except asyncssh.ChannelOpenError:
-                self._leases.release(holder)
-                raise
-            except (OSError, asyncssh.Error) as exc:
-                self._leases.release(holder)
-                raise asyncssh.ChannelOpenError(
-                    asyncssh.OPEN_CONNECT_FAILED,
-                    self.describe(messages.UPSTREAM_REFUSED.code, type(exc).__name__),
-                ) from exc
-            except BaseException:
-                self._leases.release(holder)
-                raise
-            gauge.inc()
-            return end
+    async def _cancellable(self, step: Awaitable[T]) -> T:
+        """``step``, cancelled if the client connection goes meanwhile (asyncssh does not
+        cancel a channel open that is still pending when its connection is lost)."""
+        task = asyncio.current_task()
+        if task is not None:
+            self._opening.add(task)
+        try:
+            return await step
+        finally:
+            if task is not None:
+                self._opening.discard(task)
 
-        return through_sandbox()
+    def _forward_ended(self, holder: object) -> None:
+        self._forwards.discard(holder)
+        self._leases.release(holder)
 
     # --- upstream leases ---
 
-    async def _lease(self, holder: object) -> asyncssh.SSHClientConnection:
+    async def _lease(self, holder: object) -> Lease:
         """A channel's share of a warm upstream connection to this login's sandbox.
 
-        Raises UpstreamError (reason code + technical detail) when the sandbox is stopped or
-        cannot be used. The lease is released when ``holder`` ends, or with the connection.
+        Raises UpstreamError (reason code + technical detail) when the sandbox is stopped,
+        cannot be used or has no free slot in time; ChannelOpenError once the client
+        connection is gone. The lease is released when ``holder`` ends, or with the
+        connection.
         """
+        if self._leases.closed:
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, _CLIENT_GONE)
         sandbox = self._accepted.sandbox
         pool = self._rt.upstream_pool
         if self._admit is not None:
@@ -275,16 +517,57 @@ class Channels:
                 error=exc.detail,
             )
             metrics.UPSTREAM_CONNECT.labels(exc.reason_code).observe(time.perf_counter() - t0)
+            if exc.reason_code == messages.UPSTREAM_BUSY.code:
+                metrics.QUOTA_REFUSALS.labels(exc.reason_code).inc()
             raise
         elapsed = time.perf_counter() - t0
         metrics.UPSTREAM_CONNECT.labels("ok").observe(elapsed)
         self._log.info("upstream_leased", seconds=round(elapsed, 4))
-        self._leases.hold(holder, lease)
-        return lease.conn  # type: ignore[return-value]
+        if not self._leases.hold(holder, lease):  # released at once: nobody to use it
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, _CLIENT_GONE)
+        return lease
+
+    async def open_on_lease(
+        self,
+        holder: object,
+        lease: Lease,
+        open_on: Callable[[asyncssh.SSHClientConnection], Awaitable[T]],
+        discard: Callable[[T], None],
+        *,
+        retry: bool,
+    ) -> T:
+        """``open_on(connection)`` for ``holder``'s channel on its leased connection. With
+        ``retry``, a sandbox that refuses it (its MaxSessions) gets that connection marked
+        full and the channel is tried once more on another lease. Used for sessions; a
+        cancelled open is let finish and what it opened is closed (``discard``)."""
+        conn = cast(asyncssh.SSHClientConnection, lease.conn)
+        try:
+            return await _opened_or_closed(open_on(conn), discard)
+        except asyncssh.ChannelOpenError as exc:
+            if not retry:
+                raise
+            # OpenSSH's sshd refuses a session over its MaxSessions with "open failed"
+            # (code 2 in 9.x, 1 before): whatever the code, the connection is full unless it
+            # has just closed.
+            if not lease.conn.is_closed():
+                lease.report_full()
+            self._log.warning("upstream_full", code=exc.code, error=exc.reason, retry=True)
+            self._leases.release(holder)
+        lease = await self._lease(holder)
+        conn = cast(asyncssh.SSHClientConnection, lease.conn)
+        return await _opened_or_closed(open_on(conn), discard)
 
     def close(self) -> None:
-        """The client connection is gone: every lease goes back to the pool."""
+        """The client connection is gone: forwarding channels still being opened are
+        cancelled, every lease goes back to the pool."""
         self._leases.release_all()
+        for task in list(self._opening):
+            task.cancel()
+        # asyncssh ended every session it had opened before it told us (connection_lost);
+        # those still here were asked for but never opened, and no callback will come.
+        for session in list(self._sessions):
+            self._sessions.discard(session)
+            metrics.CHANNELS_ACTIVE.labels("session").dec()
 
     def _event(self, action: str, result: str, reason: str | None, **details: Any) -> AuditEvent:
         sandbox = self._accepted.sandbox

@@ -10,8 +10,10 @@ Other keys' sessions, on the same shared upstream connection too, are untouched.
 
 Subscribe first, then check: after every (re)subscription the listener calls ``reconcile()``,
 which re-checks every live connection, so a change made while the listener was down is not
-missed; a periodic reconcile is the safety net. A key's ``expires_at`` is a timer per
-connection, re-armed whenever a check reports a new expiry.
+missed; a periodic reconcile is the safety net. When a pushed change cannot be checked (the
+database did not answer), nothing is dropped: a full re-check is retried, backing off from
+0.5 s to 10 s, until one succeeds. A key's ``expires_at`` is a timer per connection, re-armed
+whenever a check reports a new expiry.
 
 New sessions and forwarding channels on an open connection are checked against the database
 when they open (``check_channel``), never against the snapshot taken at login. While the
@@ -43,6 +45,10 @@ log = structlog.get_logger("gateway.ssh.revocation")
 
 # How long the stderr line and exit status get to reach the client before the connection closes.
 _CLOSE_GRACE_SECONDS = 0.3
+# After a pushed change could not be checked: first retry of the full re-check, and the most
+# it backs off to while the database stays unavailable.
+_CATCH_UP_FIRST_SECONDS = 0.5
+_CATCH_UP_MAX_SECONDS = 10.0
 
 
 class Change(Protocol):
@@ -71,21 +77,32 @@ def grant_of(identity: Identity) -> access.Grant:
 
 
 class Revocation:
-    def __init__(self, registry: Registry, db: Executor, *, mode: str = "strict") -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        db: Executor,
+        *,
+        mode: str = "strict",
+        register_key_hint: Callable[[], str] | None = None,
+    ) -> None:
         self._registry = registry
         self._db = db
         self.mode = mode
+        # What the access-ended line tells users to run (ssh.register_key_hint, read at each
+        # use so a reload applies); None: the messages module's default.
+        self._hint = register_key_hint
         # The listener's state ("listening" only once its on_subscribed, our reconcile, has
         # succeeded); set by whoever starts the listener (gateway/daemon/lifecycle.py).
         self.listener_state: Callable[[], str] = lambda: "down"
         self._check_failed = False  # a pushed change could not be checked: reconcile again
+        self._failures = 0  # checks that failed so far (a reconcile clears only older ones)
+        self._catch_up: asyncio.Task[None] | None = None
         self._timers: dict[LiveConnection, asyncio.TimerHandle] = {}
         self._ending: set[LiveConnection] = set()
         self._stopped_at_login: set[LiveConnection] = set()
         self._pending: set[LiveConnection] = set()
         self._pending_at: float | None = None
         self._flush: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
 
     # --- state ---
 
@@ -128,15 +145,21 @@ class Revocation:
             self._queue(conns, change.at)
 
     async def reconcile(self) -> int:
-        """Re-check every live connection; the number ended. Raises Unavailable on failure."""
+        """Re-check every live connection; the number ended. Raises what the check raised
+        (``Unavailable`` when the database did not answer)."""
+        failures = self._failures
         conns = [c for c, _ in self._registry.authenticated_connections()]
         try:
             ended = await self._check(conns, None)
-        except Unavailable as exc:
+        except Exception as exc:
             metrics.RECONCILES.labels("failed").inc()
-            log.warning("reconcile_failed", error=str(exc))
+            log.warning("reconcile_failed", error=f"{type(exc).__name__}: {exc}"[:300])
             raise
-        self._check_failed = False
+        if self._failures == failures:
+            # Every change that failed to be checked before this reconcile began is covered;
+            # one that failed meanwhile may not be (its connections may have been read
+            # before the change): that one keeps its catch-up going.
+            self._check_failed = False
         metrics.RECONCILES.labels("ok").inc()
         log.info("reconciled", connections=len(conns), ended=ended)
         return ended
@@ -144,8 +167,17 @@ class Revocation:
     async def reconcile_every(self, seconds: float) -> None:
         while True:
             await asyncio.sleep(seconds)
-            with contextlib.suppress(Unavailable):
+            with contextlib.suppress(Exception):  # logged and counted by reconcile()
                 await self.reconcile()
+
+    def close(self) -> None:
+        """Stop the timers and background checks (at shutdown)."""
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        for task in (self._flush, self._catch_up):
+            if task is not None:
+                task.cancel()
 
     # --- a new channel on a live connection ---
 
@@ -165,6 +197,7 @@ class Revocation:
             return
         check = checks[0]
         if check.reason is None:
+            self._stopped_at_login.discard(conn)
             return
         if check.reason == access.SANDBOX_STOPPED:
             # Not a change for a login made while stopped: the session says so and goes on.
@@ -200,11 +233,34 @@ class Revocation:
             self._pending_at = None
             try:
                 await self._check(conns, at)
-            except Unavailable as exc:
-                # The periodic or next reconcile will catch up; strict mode refuses meanwhile.
-                log.warning("revocation_check_failed", error=str(exc), connections=len(conns))
+            except Exception as exc:
+                # Nothing of this batch (nor what queued meanwhile) is lost: a full re-check
+                # follows, retried until it succeeds; strict mode refuses channels meanwhile.
+                log.warning(
+                    "revocation_check_failed",
+                    error=f"{type(exc).__name__}: {exc}"[:300],
+                    connections=len(conns),
+                )
+                self._failures += 1
                 self._check_failed = True
+                self._pending.clear()
+                self._pending_at = None
+                self._start_catch_up()
                 return
+
+    def _start_catch_up(self) -> None:
+        if self._catch_up is None or self._catch_up.done():
+            self._catch_up = asyncio.get_running_loop().create_task(self._catch_up_loop())
+
+    async def _catch_up_loop(self) -> None:
+        """Re-check everything until a reconcile succeeds after the last failed check."""
+        delay = _CATCH_UP_FIRST_SECONDS
+        while self._check_failed:
+            await asyncio.sleep(delay)
+            try:
+                await self.reconcile()
+            except Exception:  # logged and counted by reconcile()
+                delay = min(delay * 2, _CATCH_UP_MAX_SECONDS)
 
     async def _check(self, conns: list[LiveConnection], at: float | None) -> int:
         pairs = [(c, self._registry.identity(c)) for c in conns if c not in self._ending]
@@ -215,6 +271,8 @@ class Revocation:
         ended = 0
         for (conn, identity), check in zip(live, checks, strict=True):
             if check.reason is None:
+                # Running now: a later stop ends this connection like any other.
+                self._stopped_at_login.discard(conn)
                 self._arm(conn, check.key_expires_at)
                 continue
             if check.reason == access.SANDBOX_STOPPED and conn in self._stopped_at_login:
@@ -230,7 +288,10 @@ class Revocation:
         timer = self._timers.pop(conn, None)
         if timer is not None:
             timer.cancel()
-        text = messages.access_ended(reason, sandbox=identity.sandbox_id, key=identity.fingerprint)
+        hint = {"hint": self._hint()} if self._hint is not None else {}
+        text = messages.access_ended(
+            reason, sandbox=identity.sandbox_id, key=identity.fingerprint, **hint
+        )
         conn.close_sessions(text, reason)
         if at is not None:
             metrics.REVOCATION_LAG.observe(max(0.0, time.time() - at))

@@ -9,6 +9,7 @@ import asyncssh
 from gateway.audit.ratelimit import SourceRateLimit
 from gateway.audit.writer import AuditWriter
 from gateway.config import AdmissionConfig, Config
+from gateway.relay import budget
 from gateway.ssh.access import AccessSource, DatabaseAccess
 from gateway.ssh.admission import Admission, AdmissionSettings
 from gateway.ssh.registry import Registry
@@ -63,3 +64,4 @@ def configure(rt: Runtime) -> None:
     """Apply the current config to the runtime's policies (at start and on every reload)."""
     rt.admission.reconfigure(admission_settings(rt.config))
     rt.audit_limit.per_minute = rt.config.admission.audit_refusals_per_minute
+    budget.BUFFERS.reconfigure(rt.config.ssh.max_buffered_bytes)

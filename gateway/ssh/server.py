@@ -24,6 +24,7 @@ from structlog.typing import FilteringBoundLogger
 
 from gateway import messages
 from gateway.daemon import metrics
+from gateway.ssh import quotas
 from gateway.ssh.admission import Refusal, Ticket
 from gateway.ssh.auth import Accept, LoginLookup, Refuse, canonical_line, decide, look_up
 from gateway.ssh.channels import Channels
@@ -253,6 +254,21 @@ class GatewayConnection(asyncssh.SSHServer):
         if self._ticket is not None:
             self._ticket.authenticated()
         identity = Identity(sandbox.org_id, sandbox.id, key.id, key.fingerprint)
+        refusal = quotas.check_connection(self._rt.registry, identity, self._rt.config.quotas, self)
+        if refusal is not None:
+            metrics.QUOTA_REFUSALS.labels(refusal.code).inc()
+            self.log.warning(
+                "connection_refused",
+                reason=refusal.code,
+                limit=refusal.limit,
+                holding=refusal.count,
+            )
+            self._audit_auth("refused", refusal.code, key.fingerprint)
+            if self._conn is not None:
+                asyncio.get_running_loop().call_soon(
+                    self._conn.disconnect, asyncssh.DISC_TOO_MANY_CONNECTIONS, refusal.text
+                )
+            return
         revocation = self._rt.revocation
         self._channels = Channels(
             self._rt,

@@ -11,11 +11,15 @@ from collections.abc import Callable, Sequence
 import structlog
 from aiohttp import web
 
+from keystore.api import limits as _limits
 from keystore.api.app import DEFAULT_RATE_BURST, DEFAULT_RATE_PER_SECOND, create_app
+from keystore.api.limits import ApiLimits, ApiSite, LimitSettings
+from keystore.api.sessions import WorkosSettings
 from keystore.audit_events import AuditEvent
 from keystore.db import Executor
+from keystore.roles import DEFAULT_ROLES
 
-__all__ = ["ApiServer", "create_app", "serve_api"]
+__all__ = ["ApiServer", "LimitSettings", "WorkosSettings", "create_app", "serve_api"]
 
 log = structlog.get_logger("keystore.api")
 
@@ -23,10 +27,11 @@ log = structlog.get_logger("keystore.api")
 class ApiServer:
     """A running key API. ``port`` is the bound port (useful when 0 was asked for)."""
 
-    def __init__(self, runner: web.AppRunner, host: str, port: int) -> None:
+    def __init__(self, runner: web.AppRunner, host: str, port: int, limits: ApiLimits) -> None:
         self._runner = runner
         self.host = host
         self.port = port
+        self.limits = limits
 
     async def close(self) -> None:
         """Stop listening, let requests in flight finish (briefly), release everything."""
@@ -43,8 +48,43 @@ async def serve_api(
     extra_routes: Sequence[web.RouteDef] = (),
     rate_per_second: float = DEFAULT_RATE_PER_SECOND,
     rate_burst: int = DEFAULT_RATE_BURST,
+    header_timeout_seconds: float = _limits.DEFAULT_HEADER_TIMEOUT,
+    idle_timeout_seconds: float = _limits.DEFAULT_IDLE_TIMEOUT,
+    body_timeout_seconds: float = _limits.DEFAULT_BODY_TIMEOUT,
+    max_connections_per_source: int = _limits.DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
+    invalid_key_burst: int = _limits.DEFAULT_INVALID_KEY_BURST,
+    invalid_key_per_second: float = _limits.DEFAULT_INVALID_KEY_PER_SECOND,
+    ipv4_prefix: int = 32,
+    ipv6_prefix: int = 64,
+    workos_jwks_url: str = "",
+    workos_issuer: str = "",
+    workos_webhook_secret: str = "",
+    workos_roles: Sequence[str] = DEFAULT_ROLES,
 ) -> ApiServer:
-    """Serve the key API on ``host:port`` (port 0: any free port) on the running loop."""
+    """Serve the key API on ``host:port`` (port 0: any free port) on the running loop.
+
+    ``rate_*``: per valid API key or member (auth.py). ``workos_*``: the ``[workos]`` settings
+    (sessions.py; none set: API keys only). The rest: per connection and per source
+    (limits.py, README "Limits"). A bad value raises ``ValueError``.
+    """
+    workos = WorkosSettings(
+        jwks_url=workos_jwks_url,
+        issuer=workos_issuer,
+        webhook_secret=workos_webhook_secret,
+        roles=tuple(workos_roles),
+    )
+    limits = ApiLimits(
+        LimitSettings(
+            header_timeout_seconds=header_timeout_seconds,
+            idle_timeout_seconds=idle_timeout_seconds,
+            body_timeout_seconds=body_timeout_seconds,
+            max_connections_per_source=max_connections_per_source,
+            invalid_key_burst=invalid_key_burst,
+            invalid_key_per_second=invalid_key_per_second,
+            ipv4_prefix=ipv4_prefix,
+            ipv6_prefix=ipv6_prefix,
+        )
+    )
     app = create_app(
         db,
         max_body_bytes=max_body_bytes,
@@ -52,15 +92,27 @@ async def serve_api(
         extra_routes=extra_routes,
         rate_per_second=rate_per_second,
         rate_burst=rate_burst,
+        limits=limits,
+        workos=workos,
     )
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0)
+    # aiohttp's keep-alive timeout is only a backstop: the guard (limits.py) closes idle and
+    # half-sent connections first, and counts them.
+    backstop = max(header_timeout_seconds, idle_timeout_seconds) + 5.0
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=5.0, keepalive_timeout=backstop)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, reuse_address=True)
+        site = ApiSite(runner, host, port, limits)
         await site.start()
     except BaseException:
         await runner.cleanup()
         raise
-    bound = runner.addresses[0][1] if runner.addresses else port
-    log.info("api_listening", api=f"{host}:{bound}")
-    return ApiServer(runner, host, int(bound))
+    log.info(
+        "api_listening",
+        api=f"{host}:{site.bound_port}",
+        header_timeout=header_timeout_seconds,
+        idle_timeout=idle_timeout_seconds,
+        max_connections_per_source=max_connections_per_source,
+        workos_sessions=workos.sessions_enabled,
+        workos_webhooks=workos.webhooks_enabled,
+    )
+    return ApiServer(runner, host, site.bound_port, limits)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import datetime as dt
@@ -14,16 +15,76 @@ from typing import Any
 
 from aiohttp import web
 
+from keystore import roles
 from keystore.api.errors import MAX_BODY_KEY, ApiError
+from keystore.api.limits import LIMITS_KEY
 from keystore.api_keys import ApiKey
 from keystore.audit_events import AuditEvent
+from keystore.models import Creator
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 RecordAudit = Callable[[AuditEvent], None]
 
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: an API key, or a member of the organization signed in through WorkOS.
+
+    ``scopes`` are the API key's scopes, or the member's permissions (keystore/roles.py: the
+    same names, plus ``ssh-key:write:own``). ``creator`` is what a key made by this caller
+    records as ``created_by``, and ``creator.id`` is the actor of its audit events.
+    """
+
+    org_id: uuid.UUID
+    creator: Creator
+    scopes: tuple[str, ...]
+    api_key: ApiKey | None = None
+    roles: tuple[str, ...] = ()
+    issued_at: dt.datetime | None = None
+    """A member's session token's ``iat`` (None for an API key)."""
+
+    @classmethod
+    def of_key(cls, key: ApiKey) -> Principal:
+        return cls(
+            org_id=key.org_id,
+            creator=Creator("api_key", str(key.id)),
+            scopes=key.scopes,
+            api_key=key,
+        )
+
+    @property
+    def is_member(self) -> bool:
+        return self.creator.type == "member"
+
+    @property
+    def actor(self) -> str:
+        return self.creator.id
+
+    @property
+    def expires_at(self) -> dt.datetime | None:
+        """When an API key caller stops working (None: never, or a member)."""
+        return self.api_key.expires_at if self.api_key is not None else None
+
+    @property
+    def environment(self) -> str | None:
+        """``live`` or ``test`` for an API key caller; None for a member."""
+        return self.api_key.environment if self.api_key is not None else None
+
+    def allows(self, scope: str) -> bool:
+        """May do ``scope`` (a concrete scope) on anything of the organization."""
+        return roles.allows(self.scopes, scope)
+
+    def own_only(self, scope: str) -> bool:
+        """May do ``scope`` only on the SSH keys this member registered."""
+        return self.is_member and roles.own_only(self.scopes, scope)
+
+    def owns(self, created_by: str | None, created_by_type: str | None) -> bool:
+        return self.is_member and created_by_type == "member" and created_by == self.creator.id
+
+
 DB_KEY = web.AppKey("db", object)
 AUDIT_KEY: web.AppKey[RecordAudit] = web.AppKey("record_audit")
-PRINCIPAL_KEY = web.RequestKey("principal", ApiKey)
+PRINCIPAL_KEY = web.RequestKey("principal", Principal)
 
 __all__ = [
     "AUDIT_KEY",
@@ -34,14 +95,17 @@ __all__ = [
     "PRINCIPAL_KEY",
     "ApiRoute",
     "Handler",
+    "Principal",
     "RecordAudit",
     "audit",
     "decode_cursor",
     "encode_cursor",
     "fields",
     "iso",
+    "page_limit",
     "page_params",
     "path_uuid",
+    "read_body",
     "read_json",
     "source_ip",
 ]
@@ -64,7 +128,7 @@ def db(request: web.Request) -> Any:
     return request.app[DB_KEY]
 
 
-def principal(request: web.Request) -> ApiKey:
+def principal(request: web.Request) -> Principal:
     return request[PRINCIPAL_KEY]
 
 
@@ -99,18 +163,22 @@ def audit(
     reason: str | None = None,
     details: Mapping[str, Any] | None = None,
 ) -> None:
-    """Record a mutation by the request's API key. Never blocks (the writer batches)."""
-    key = request.get(PRINCIPAL_KEY)
+    """Record a mutation by the request's caller (the API key's id, or the member's user id,
+    with ``actor_type`` in the details). Never blocks (the writer batches)."""
+    caller = request.get(PRINCIPAL_KEY)
+    extra: dict[str, Any] = {}
+    if caller is not None and caller.is_member:
+        extra = {"actor_type": "member", "roles": list(caller.roles)}
     request.app[AUDIT_KEY](
         AuditEvent(
             action=action,
             result=result,
-            org_id=key.org_id if key else None,
+            org_id=caller.org_id if caller else None,
             reason=reason,
-            actor=str(key.id) if key else None,
+            actor=caller.actor if caller else None,
             target=target,
             source_ip=source_ip(request),
-            details=dict(details or {}),
+            details={**extra, **dict(details or {})},
         )
     )
 
@@ -124,31 +192,17 @@ async def read_json(request: web.Request, *, required: bool = True) -> dict[str,
 
     No body: 400 when ``required``, else ``{}``. A body that is not ``application/json``: 415.
     Over ``max_body_bytes``: 413 (checked on Content-Length first, then while reading).
+    Not all there within the body timeout: 408 ``body_timeout``, and the connection is closed.
     Not UTF-8 JSON, or not an object: 400.
     """
-    max_body = request.app[MAX_BODY_KEY]
-    too_large = ApiError(
-        413,
-        "payload_too_large",
-        f"The request body is too large; at most {max_body} bytes are accepted.",
-    )
-    if request.content_length is not None and request.content_length > max_body:
-        raise too_large
-    if not request.body_exists:
-        if required:
-            raise ApiError(400, "body_required", "A JSON object is required as the request body.")
-        return {}
-    if not _is_json(request.content_type):
-        raise ApiError(
-            415,
-            "unsupported_media_type",
-            "The request body must be JSON, sent with Content-Type: application/json.",
-        )
-    raw = await request.read()  # aiohttp enforces client_max_size (413) on chunked bodies too
-    if len(raw) > max_body:
-        raise too_large
+    raw = await read_body(request, required=required)
     if not raw.strip() and not required:
         return {}
+    return parse_json_object(raw)
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """``raw`` as a JSON object, or a 400 ``invalid_json`` that never quotes it."""
     try:
         value = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -164,6 +218,47 @@ async def read_json(request: web.Request, *, required: bool = True) -> dict[str,
             400, "invalid_json", "The request body holds invalid Unicode (a lone surrogate)."
         ) from None
     return value
+
+
+async def read_body(request: web.Request, *, required: bool = True) -> bytes:
+    """The raw request body, checked as :func:`read_json` says (``b""`` when there is none and
+    it is not ``required``)."""
+    max_body = request.app[MAX_BODY_KEY]
+    too_large = ApiError(
+        413,
+        "payload_too_large",
+        f"The request body is too large; at most {max_body} bytes are accepted.",
+    )
+    if request.content_length is not None and request.content_length > max_body:
+        raise too_large
+    if not request.body_exists:
+        if required:
+            raise ApiError(400, "body_required", "A JSON object is required as the request body.")
+        return b""
+    if not _is_json(request.content_type):
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            "The request body must be JSON, sent with Content-Type: application/json.",
+        )
+    limits = request.app.get(LIMITS_KEY)
+    timeout = limits.settings.body_timeout_seconds if limits is not None else None
+    try:
+        async with asyncio.timeout(timeout):
+            # aiohttp enforces client_max_size (413) on chunked bodies too
+            raw = await request.read()
+    except TimeoutError:
+        if limits is not None:
+            limits.refused("body_timeout", limits.source_of(request.remote))
+        raise ApiError(
+            408,
+            "body_timeout",
+            f"The request body did not arrive within {timeout:g} s.",
+            close=True,
+        ) from None
+    if len(raw) > max_body:
+        raise too_large
+    return raw
 
 
 _TYPE_NAMES = {str: "a string", list: "a list", bool: "true or false", int: "an integer"}
@@ -235,6 +330,15 @@ def page_params(
     request: web.Request, extra: frozenset[str] = frozenset()
 ) -> tuple[int, tuple[dt.datetime, uuid.UUID] | None]:
     """``limit`` (1-100, default 50) and ``cursor`` from the query string."""
+    limit = page_limit(request, extra)
+    query = request.query
+    after = decode_cursor(query["cursor"]) if "cursor" in query else None
+    return limit, after
+
+
+def page_limit(request: web.Request, extra: frozenset[str] = frozenset()) -> int:
+    """``limit`` (1-100, default 50) from the query string, after checking that it names only
+    ``limit``, ``cursor`` and ``extra``, each at most once (400 otherwise)."""
     query = request.query
     for name in query:
         if name not in _PAGE_PARAMS | extra:
@@ -259,5 +363,4 @@ def page_params(
             raise ApiError(
                 400, "invalid_limit", f"limit must be a whole number from 1 to {MAX_PAGE_SIZE}."
             )
-    after = decode_cursor(query["cursor"]) if "cursor" in query else None
-    return limit, after
+    return limit

@@ -16,7 +16,14 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from keystore.errors import Conflict, InvalidInput, KeystoreError, NotFound, Unavailable
+from keystore.errors import (
+    Conflict,
+    InvalidInput,
+    KeystoreError,
+    MemberRemoved,
+    NotFound,
+    Unavailable,
+)
 
 log = structlog.get_logger("keystore.api")
 
@@ -27,6 +34,7 @@ DEFAULT_CODES: dict[int, str] = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     409: "conflict",
     413: "payload_too_large",
     415: "unsupported_media_type",
@@ -42,6 +50,7 @@ _DEFAULT_MESSAGES: dict[int, str] = {
     403: "This API key may not do that.",
     404: "Not found.",
     405: "This method is not allowed here.",
+    408: "The request did not arrive in time.",
     409: "The request conflicts with the current state.",
     413: "The request body is too large.",
     415: "The request body must be JSON (Content-Type: application/json).",
@@ -59,7 +68,8 @@ COMMON_HEADERS: Mapping[str, str] = {
 
 
 class ApiError(Exception):
-    """An error answer. ``extra`` adds fields to the error object (e.g. ``existing_id``)."""
+    """An error answer. ``extra`` adds fields to the error object (e.g. ``existing_id``);
+    ``close`` ends the connection after the answer (no keep-alive)."""
 
     def __init__(
         self,
@@ -69,6 +79,7 @@ class ApiError(Exception):
         *,
         headers: Mapping[str, str] | None = None,
         extra: Mapping[str, Any] | None = None,
+        close: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -76,6 +87,7 @@ class ApiError(Exception):
         self.message = message
         self.headers = dict(headers or {})
         self.extra = dict(extra or {})
+        self.close = close
 
 
 def json_response(
@@ -115,6 +127,13 @@ def from_keystore(exc: KeystoreError) -> ApiError:
         return ApiError(409, "conflict", str(exc), extra=extra)
     if isinstance(exc, InvalidInput):
         return ApiError(400, exc.code, str(exc))
+    if isinstance(exc, MemberRemoved):
+        return ApiError(
+            401,
+            "member_removed",
+            str(exc),
+            headers={"WWW-Authenticate": 'Bearer realm="runtools", error="invalid_token"'},
+        )
     if isinstance(exc, Unavailable):
         log.warning("api_database_unavailable", error=str(exc))
         return ApiError(503, "unavailable", _DEFAULT_MESSAGES[503], headers={"Retry-After": "1"})
@@ -130,9 +149,12 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     try:
         response: web.StreamResponse = await handler(request)
     except ApiError as exc:
-        return error_response(
+        answer = error_response(
             exc.status, exc.code, exc.message, headers=exc.headers, extra=exc.extra
         )
+        if exc.close:
+            answer.force_close()
+        return answer
     except KeystoreError as exc:
         try:
             err = from_keystore(exc)

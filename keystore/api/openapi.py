@@ -13,7 +13,10 @@ from typing import Any
 
 from keystore import tokens
 from keystore.api.common import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, ApiRoute
+from keystore.api.routes_audit import MAX_FILTER_CHARS, MAX_TIME_CHARS, RESULTS
+from keystore.api.routes_webhooks import PATH as WEBHOOK_PATH
 from keystore.keys import MAX_PUBLIC_KEY_CHARS
+from keystore.models import CREATOR_TYPES
 
 SLUG_PATTERN = "^[a-z0-9][a-z0-9-]{0,62}$"
 DURATION_PATTERN = "^[0-9]{1,12}[smhdw]$"
@@ -22,6 +25,19 @@ NAME_PATTERN = "^[^\\x00-\\x1f\\x7f]*[^\\x00-\\x20\\x7f][^\\x00-\\x1f\\x7f]*$"
 _TIME = {"type": "string", "format": "date-time"}
 _NULLABLE_TIME = {"type": ["string", "null"], "format": "date-time"}
 _NAME = {"type": "string", "minLength": 1, "maxLength": 200, "pattern": NAME_PATTERN}
+_FILTER = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": MAX_FILTER_CHARS,
+    "pattern": "^[\\x20-\\x7e]+$",
+}
+_TIME_FILTER = {"type": "string", "format": "date-time", "maxLength": MAX_TIME_CHARS}
+_CREATED_BY = {
+    "type": ["string", "null"],
+    "description": "Who registered it: the member's WorkOS user id, the API key's id, or "
+    "'cli'; null for keys registered before this was recorded.",
+}
+_CREATED_BY_TYPE = {"type": ["string", "null"], "enum": [*CREATOR_TYPES, None]}
 
 _EXAMPLE_KEY = (
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIIhs7wL9+AkcNlTJNrj6AJT4Er1suUvVJW22+f82sg3s alice@laptop"
@@ -77,6 +93,8 @@ _SCHEMAS: dict[str, Any] = {
             "project",
             "created_at",
             "last_used_at",
+            "created_by",
+            "created_by_type",
         ],
         "properties": {
             "id": {"type": "string", "format": "uuid"},
@@ -92,6 +110,8 @@ _SCHEMAS: dict[str, Any] = {
             "project": {"type": "string", "pattern": SLUG_PATTERN},
             "created_at": _TIME,
             "last_used_at": {**_NULLABLE_TIME, "description": "null until first use."},
+            "created_by": _CREATED_BY,
+            "created_by_type": _CREATED_BY_TYPE,
         },
     },
     "SshKeyPage": {
@@ -150,6 +170,7 @@ _SCHEMAS: dict[str, Any] = {
             "expires_at",
             "last_used_at",
             "created_by",
+            "created_by_type",
         ],
         "properties": {
             "id": {"type": "string", "format": "uuid"},
@@ -167,7 +188,13 @@ _SCHEMAS: dict[str, Any] = {
             "created_at": _TIME,
             "expires_at": _NULLABLE_TIME,
             "last_used_at": _NULLABLE_TIME,
-            "created_by": {"type": ["string", "null"], "format": "uuid"},
+            "created_by": {
+                **_CREATED_BY,
+                "description": "Who created it: the member's WorkOS user id, the creating API "
+                "key's id, or 'cli'; null when unknown (older keys, or a creating key that was "
+                "deleted).",
+            },
+            "created_by_type": _CREATED_BY_TYPE,
         },
     },
     "ApiKeyPage": {
@@ -189,12 +216,14 @@ _SCHEMAS: dict[str, Any] = {
                 "type": "array",
                 "minItems": 1,
                 "items": {"type": "string", "enum": sorted(tokens.SCOPES)},
-                "description": "Only scopes the calling key holds itself may be granted.",
+                "description": "Only scopes the caller holds itself may be granted.",
             },
             "expires_in": {
                 "type": "string",
                 "pattern": DURATION_PATTERN,
-                "description": "e.g. 90d, 12h, 2w; at most 3650 days. Never expires if absent.",
+                "description": "e.g. 90d, 12h, 2w; at most 3650 days. Never expires if absent, "
+                "unless the calling API key expires: then the new key expires with it, and a "
+                "lifetime ending later is refused (403 expires_after_caller).",
             },
             "environment": {"type": "string", "enum": list(tokens.ENVIRONMENTS)},
         },
@@ -212,7 +241,75 @@ _SCHEMAS: dict[str, Any] = {
             "expires_in": {
                 "type": "string",
                 "pattern": DURATION_PATTERN,
-                "description": "Lifetime of the new key; default: the old key's lifetime.",
+                "description": "Lifetime of the new key; default: the old key's lifetime. "
+                "Never past the calling API key's own expiry.",
+            },
+        },
+    },
+    "AuditEvent": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": [
+            "id",
+            "occurred_at",
+            "action",
+            "result",
+            "reason",
+            "actor",
+            "target",
+            "source_ip",
+            "details",
+        ],
+        "properties": {
+            "id": {"type": "string", "pattern": "^[0-9]+$"},
+            "occurred_at": _TIME,
+            "action": {"type": "string", "examples": ["api.ssh_key.create", "ssh.auth"]},
+            "result": {"type": "string", "examples": list(RESULTS)},
+            "reason": {"type": ["string", "null"]},
+            "actor": {
+                "type": ["string", "null"],
+                "description": "An API key id, a member's WorkOS user id (details.actor_type "
+                "is then 'member'), a key fingerprint for SSH events, 'cli' or 'workos'.",
+            },
+            "target": {"type": ["string", "null"]},
+            "source_ip": {"type": ["string", "null"]},
+            "details": {"type": "object"},
+        },
+    },
+    "AuditEventPage": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["data", "next_cursor"],
+        "properties": {
+            "data": {"type": "array", "items": {"$ref": "#/components/schemas/AuditEvent"}},
+            "next_cursor": {
+                "type": ["string", "null"],
+                "description": "Pass as ?cursor= (with the same filters) for older events.",
+            },
+        },
+    },
+    "WorkosEvent": {
+        "type": "object",
+        "required": ["id", "event"],
+        "description": "A WorkOS event as WorkOS delivers it.",
+        "properties": {
+            "id": {"type": "string", "minLength": 1, "maxLength": 200},
+            "event": {
+                "type": "string",
+                "examples": ["organization_membership.deleted", "organization.deleted"],
+            },
+            "data": {"type": "object"},
+        },
+    },
+    "WebhookAck": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["received", "duplicate"],
+        "properties": {
+            "received": {"type": "boolean", "const": True},
+            "duplicate": {
+                "type": "boolean",
+                "description": "The event id was received before; it is not processed again.",
             },
         },
     },
@@ -240,10 +337,18 @@ _SCHEMAS["RotatedApiKey"]["properties"]["previous"] = {
 _RESPONSES: dict[str, Any] = {
     "BadRequest": _error("Malformed request or invalid input; the message says what to fix."),
     "Unauthorized": _error(
-        "Missing, malformed, unknown, expired or revoked API key.",
+        "Missing, malformed, unknown, expired or revoked API key; or a WorkOS session token "
+        "that is invalid, expired, for an organization not mapped here or disabled, or of a "
+        "member removed since it was issued. `error.code` says which.",
         {"WWW-Authenticate": {"required": True, "schema": {"type": "string"}}},
     ),
-    "Forbidden": _error("The API key lacks the scope this operation needs."),
+    "Forbidden": _error(
+        "Not allowed: the API key lacks the scope (`insufficient_scope`), the member's role "
+        "does not allow it (`insufficient_permission`), the member may change only keys they "
+        "registered (`not_key_owner`), an rt_test_ key may not make rt_live_ keys "
+        "(`test_key_cannot_make_live`), or the new key would outlive the expiring key "
+        "creating it (`expires_after_caller`)."
+    ),
     "NotFound": _error("No such resource in the API key's organization."),
     "MethodNotAllowed": _error(
         "Method not allowed.", {"Allow": {"required": True, "schema": {"type": "string"}}}
@@ -251,12 +356,27 @@ _RESPONSES: dict[str, Any] = {
     "PayloadTooLarge": _error("The request body is over the configured limit."),
     "UnsupportedMediaType": _error("The request body is not application/json."),
     "Unprocessable": _error("The request names a project the organization does not have."),
+    "RequestTimeout": _error(
+        "The request body did not arrive within the body timeout (`body_timeout`); the "
+        "connection is closed."
+    ),
     "TooManyRequests": _error(
-        "Rate limit of the API key reached.",
+        "Rate limit of the API key reached (`rate_limited`), or too many invalid API keys "
+        "from this address lately (`too_many_invalid_keys`, answered before any key check), "
+        "or too many open connections from this address (`too_many_connections`).",
         {"Retry-After": {"required": True, "schema": {"type": "string"}}},
     ),
     "InternalError": _error("Unexpected error; logged on the server, never detailed here."),
-    "Unavailable": _error("The database cannot answer right now; retry shortly."),
+    "Unavailable": _error(
+        "The database cannot answer right now, or the WorkOS signing keys cannot be fetched; "
+        "retry shortly."
+    ),
+    "WebhookRefused": _error(
+        "Not a verified WorkOS delivery: `missing_signature`, `malformed_signature`, "
+        "`stale_signature` (timestamp more than 180 s off), `invalid_signature`, "
+        "`invalid_json` or `invalid_event`."
+    ),
+    "WebhookNotConfigured": _error("No workos.webhook_secret is set (`not_configured`)."),
 }
 
 _ID_PARAM = {
@@ -365,6 +485,55 @@ _OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         ),
         "errors": ["400", "404", "413", "415"],
     },
+    ("GET", "/v1/audit-events"): {
+        "operationId": "listAuditEvents",
+        "summary": "List the organization's audit events, newest first",
+        "parameters": [
+            *_PAGE_PARAMS,
+            {
+                "name": "action",
+                "in": "query",
+                "required": False,
+                "schema": _FILTER,
+                "description": "Exact action, or a prefix ending in * (api.ssh_key.*).",
+            },
+            {
+                "name": "actor",
+                "in": "query",
+                "required": False,
+                "schema": _FILTER,
+                "description": "An API key id, a member's user id, a key fingerprint ...",
+            },
+            {
+                "name": "target",
+                "in": "query",
+                "required": False,
+                "schema": _FILTER,
+            },
+            {
+                "name": "result",
+                "in": "query",
+                "required": False,
+                "schema": {"type": "string", "enum": list(RESULTS)},
+            },
+            {
+                "name": "since",
+                "in": "query",
+                "required": False,
+                "schema": _TIME_FILTER,
+                "description": "Events at or after this time (RFC 3339, with an offset).",
+            },
+            {
+                "name": "until",
+                "in": "query",
+                "required": False,
+                "schema": _TIME_FILTER,
+                "description": "Events before this time (RFC 3339, with an offset).",
+            },
+        ],
+        "success": ("200", "One page of events.", "AuditEventPage"),
+        "errors": ["400"],
+    },
 }
 
 _ERROR_REFS = {
@@ -373,6 +542,7 @@ _ERROR_REFS = {
     "403": "Forbidden",
     "404": "NotFound",
     "405": "MethodNotAllowed",
+    "408": "RequestTimeout",
     "409": "Conflict",
     "413": "PayloadTooLarge",
     "415": "UnsupportedMediaType",
@@ -385,8 +555,8 @@ _RESPONSES["Conflict"] = _error(
     "This public key is already registered for the organization; the message and existing_id "
     "name the key holding it."
 )
-# Every authenticated operation can answer these.
-_ALWAYS = ["401", "403", "429", "500", "503"]
+# Every authenticated operation can answer these (400: also a request aiohttp cannot parse).
+_ALWAYS = ["400", "401", "403", "429", "500", "503"]
 
 
 def _operation(method: str, path: str, scope: str) -> dict[str, Any]:
@@ -398,14 +568,16 @@ def _operation(method: str, path: str, scope: str) -> dict[str, Any]:
             "application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}
         }
     responses: dict[str, Any] = {status: success}
-    for code in sorted({*spec["errors"], *_ALWAYS}):
+    with_body = ["408"] if "body" in spec else []  # read_json's body timeout
+    for code in sorted({*spec["errors"], *_ALWAYS, *with_body}):
         responses[code] = {"$ref": f"#/components/responses/{_ERROR_REFS[code]}"}
     op: dict[str, Any] = {
         "operationId": spec["operationId"],
         "summary": spec["summary"],
-        "description": f"Needs the scope `{scope}` (or a scope that includes it).",
+        "description": f"Needs the scope `{scope}` (or a scope that includes it); a member "
+        "needs a role that grants it (keystore/api/README.md, Roles).",
         "x-required-scope": scope,
-        "security": [{"bearer": []}],
+        "security": [{"bearer": []}, {"workosSession": []}],
         "responses": responses,
     }
     if spec.get("parameters"):
@@ -426,6 +598,49 @@ def document(routes: Iterable[ApiRoute]) -> dict[str, Any]:
         paths.setdefault(route.path, {})[route.method.lower()] = _operation(
             route.method, route.path, route.scope
         )
+    paths[WEBHOOK_PATH] = {
+        "post": {
+            "operationId": "workosWebhook",
+            "summary": "Receive a WorkOS event (membership removed, organization deleted)",
+            "description": "Authenticated by the `WorkOS-Signature` header (HMAC-SHA256 with "
+            "workos.webhook_secret over `<t>.<raw body>`, t in milliseconds, at most 180 s "
+            "off), not by a bearer token. The event is recorded before the answer and "
+            "processed once, right after.",
+            "security": [],
+            "parameters": [
+                {
+                    "name": "WorkOS-Signature",
+                    "in": "header",
+                    "required": False,
+                    "schema": {"type": "string"},
+                    "description": "t=<milliseconds>, v1=<hex HMAC-SHA256>",
+                }
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/WorkosEvent"}}
+                },
+            },
+            "responses": {
+                "200": {
+                    "description": "Recorded (or recorded before); processed in the background.",
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/WebhookAck"}}
+                    },
+                },
+                "400": {"$ref": "#/components/responses/WebhookRefused"},
+                "404": {"$ref": "#/components/responses/WebhookNotConfigured"},
+                "405": {"$ref": "#/components/responses/MethodNotAllowed"},
+                "408": {"$ref": "#/components/responses/RequestTimeout"},
+                "413": {"$ref": "#/components/responses/PayloadTooLarge"},
+                "415": {"$ref": "#/components/responses/UnsupportedMediaType"},
+                "429": {"$ref": "#/components/responses/TooManyRequests"},
+                "500": {"$ref": "#/components/responses/InternalError"},
+                "503": {"$ref": "#/components/responses/Unavailable"},
+            },
+        }
+    }
     paths["/v1/openapi.json"] = {
         "get": {
             "operationId": "getOpenApi",
@@ -444,10 +659,12 @@ def document(routes: Iterable[ApiRoute]) -> dict[str, Any]:
         "info": {
             "title": "runtools key API",
             "version": "1",
-            "description": "Register SSH keys and manage API keys of an organization. "
-            "Authenticate with `Authorization: Bearer rt_live_...`. Every request is confined to "
-            "the API key's organization: another organization's resources answer 404. Errors "
-            'are `{"error": {"code", "message"}}`.',
+            "description": "Register SSH keys, manage API keys and read the audit trail of an "
+            "organization. Authenticate with `Authorization: Bearer rt_live_...` (an API key, "
+            "for programs) or `Authorization: Bearer <WorkOS session token>` (a member signed "
+            "in to the dashboard or the runtools CLI; their roles decide what they may do). "
+            "Every request is confined to the caller's organization: another organization's "
+            'resources answer 404. Errors are `{"error": {"code", "message"}}`.',
         },
         "paths": paths,
         "components": {
@@ -457,9 +674,20 @@ def document(routes: Iterable[ApiRoute]) -> dict[str, Any]:
                 "bearer": {
                     "type": "http",
                     "scheme": "bearer",
-                    "description": "An API key: rt_live_... or rt_test_...",
-                }
+                    "description": "An API key: rt_live_... or rt_test_... Its scopes decide "
+                    "what it may do.",
+                },
+                "workosSession": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "bearerFormat": "JWT",
+                    "description": "A WorkOS AuthKit access token of a member (the dashboard, "
+                    "the runtools CLI): signed with a key of workos.jwks_url, issued by "
+                    "workos.issuer; org_id names the organization, sub the member, and the "
+                    "role/roles/permissions claims what they may do. Accepted only when "
+                    "[workos] is configured.",
+                },
             },
         },
-        "security": [{"bearer": []}],
+        "security": [{"bearer": []}, {"workosSession": []}],
     }

@@ -1,7 +1,9 @@
 """``/v1/ssh-keys``: register, list, read, rename or move, and revoke an org's SSH keys.
 
-Every query is confined to the calling API key's organization; an id of another org's key
-answers 404 exactly like an id that never existed.
+Every query is confined to the caller's organization; an id of another org's key answers 404
+exactly like an id that never existed. Each key records who registered it (``created_by``). A
+member whose role allows ``ssh-key:write:own`` only (developer, member) may rename, move or
+revoke only the keys they registered: another's key answers 403 ``not_key_owner``.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ from typing import Any
 from aiohttp import web
 
 from keystore import keys as keyparse
-from keystore import orgs, ssh_keys
+from keystore import members, orgs, ssh_keys
 from keystore.api.common import (
     ApiRoute,
+    Principal,
     audit,
     db,
     encode_cursor,
@@ -42,7 +45,25 @@ def ssh_key_json(key: SshKey) -> dict[str, Any]:
         "project": key.project_slug,
         "created_at": iso(key.created_at),
         "last_used_at": iso(key.last_used_at),
+        "created_by": key.created_by,
+        "created_by_type": key.created_by_type,
     }
+
+
+async def _own_key(request: web.Request, caller: Principal, key_id: uuid.UUID) -> str | None:
+    """For a member who may change only their own keys: their user id, after checking the key
+    is theirs (404 if there is no such key, 403 if it is someone else's). Else None."""
+    if not caller.own_only("ssh-key:write"):
+        return None
+    key = await ssh_keys.get_key(db(request), caller.org_id, key_id)
+    if not caller.owns(key.created_by, key.created_by_type):
+        raise ApiError(
+            403,
+            "not_key_owner",
+            "Your role allows changing only the SSH keys you registered yourself; ask an owner "
+            "or admin to change this one.",
+        )
+    return caller.actor
 
 
 async def _project(request: web.Request, org_id: uuid.UUID, slug: str | None) -> Project:
@@ -70,9 +91,18 @@ async def create_ssh_key(request: web.Request) -> web.StreamResponse:
     name = ssh_keys.check_name(given["name"])
     project = await _project(request, caller.org_id, given.get("project"))
     try:
-        key = await ssh_keys.add_key(
-            db(request), org_id=caller.org_id, project_id=project.id, key=parsed, name=name
-        )
+        # A member's registration is serialised with their removal (keystore/members.py).
+        async with members.acting(
+            db(request), caller.org_id, caller.creator, caller.issued_at
+        ) as conn:
+            key = await ssh_keys.add_key(
+                conn,
+                org_id=caller.org_id,
+                project_id=project.id,
+                key=parsed,
+                name=name,
+                created_by=caller.creator,
+            )
     except Conflict as exc:
         audit(
             request,
@@ -88,7 +118,13 @@ async def create_ssh_key(request: web.Request) -> web.StreamResponse:
         request,
         "api.ssh_key.create",
         target=str(key.id),
-        details={"fingerprint": key.fingerprint, "name": key.name, "project": key.project_slug},
+        details={
+            "fingerprint": key.fingerprint,
+            "name": key.name,
+            "project": key.project_slug,
+            "created_by": key.created_by,
+            "created_by_type": key.created_by_type,
+        },
     )
     return json_response(
         ssh_key_json(key), status=201, headers={"Location": f"/v1/ssh-keys/{key.id}"}
@@ -132,11 +168,12 @@ async def update_ssh_key(request: web.Request) -> web.StreamResponse:
     name = ssh_keys.check_name(given["name"]) if "name" in given else None
     # Existence first: a stranger's key id must answer 404 whatever the project says.
     await ssh_keys.get_key(db(request), caller.org_id, key_id)
+    member = await _own_key(request, caller, key_id)
     project_id = None
     if "project" in given:
         project_id = (await _project(request, caller.org_id, given["project"])).id
     key = await ssh_keys.update_key(
-        db(request), caller.org_id, key_id, name=name, project_id=project_id
+        db(request), caller.org_id, key_id, name=name, project_id=project_id, member=member
     )
     audit(
         request,
@@ -149,12 +186,19 @@ async def update_ssh_key(request: web.Request) -> web.StreamResponse:
 
 async def delete_ssh_key(request: web.Request) -> web.StreamResponse:
     key_id = path_uuid(request, "SSH key")
-    key = await ssh_keys.revoke_key(db(request), principal(request).org_id, str(key_id))
+    caller = principal(request)
+    member = await _own_key(request, caller, key_id)
+    key = await ssh_keys.revoke_key(db(request), caller.org_id, str(key_id), member=member)
     audit(
         request,
         "api.ssh_key.revoke",
         target=str(key.id),
-        details={"fingerprint": key.fingerprint, "name": key.name},
+        details={
+            "fingerprint": key.fingerprint,
+            "name": key.name,
+            "created_by": key.created_by,
+            "created_by_type": key.created_by_type,
+        },
     )
     return web.Response(status=204)
 

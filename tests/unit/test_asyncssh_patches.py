@@ -24,10 +24,12 @@ import sys
 import tomllib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import asyncssh
 import pytest
+from asyncssh.constants import MSG_IGNORE
+from asyncssh.packet import String
 
 from gateway import asyncssh_patches, cli
 from gateway.asyncssh_patches import PATCHES, VERIFIED_ON, check_version, signature_algorithm
@@ -42,6 +44,8 @@ CBC = ["aes128-cbc"]
 BURST = 200  # small packets written in one event-loop turn
 STREAM_PACKETS = 64  # full 32 KiB data packets
 SINK_WINDOW = 256 * 1024
+HUGE_WINDOW = 2**31 - 1  # what a client that wants the gateway to buffer advertises
+UNREAD_STREAM = 32 * 1024 * 1024
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -267,6 +271,49 @@ async def _slow_sink_peak(window: int) -> tuple[int, int]:
     return sink.received, peak
 
 
+class _Counting(asyncssh.SSHClientSession[bytes]):
+    def __init__(self) -> None:
+        self.received = 0
+        self.closed = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes, datatype: Any) -> None:
+        self.received += len(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(exc)
+
+
+async def _unread_transport_peak(port: int, size: int, *, then_read: bool) -> tuple[int, int]:
+    """A client advertising a 2 GiB window stops reading its socket while the server streams
+    ``size`` bytes: (most bytes the server's transport ever buffered over 1 s, bytes the
+    client got once it read again; 0 unless ``then_read``)."""
+    _NoAuth.conns.clear()
+    async with await _connect(port, GCM) as conn:
+        await conn.run("true")  # the server connection now exists
+        server: Any = _NoAuth.conns[-1]
+        client: Any = conn
+        chan, opened = await asyncio.wait_for(
+            conn.create_session(_Counting, f"stream {size}", encoding=None, window=HUGE_WINDOW),
+            10,
+        )
+        session = cast(_Counting, opened)
+        client._transport.pause_reading()  # the client's socket fills, then the server's
+        peak = 0
+        for _ in range(50):
+            await asyncio.sleep(0.02)
+            queued = server._transport.get_write_buffer_size()
+            queued += getattr(server, "_rtgw_pending_size", 0)  # 0 where apply() never ran
+            peak = max(peak, queued)
+        client._transport.resume_reading()
+        received = 0
+        if then_read:
+            await asyncio.wait_for(session.closed, 30)
+            received = session.received
+        chan.close()
+    return peak, received
+
+
 # --- the patched behaviour --------------------------------------------------------------------
 
 
@@ -353,6 +400,89 @@ async def test_paused_channel_never_buffers_more_than_one_window() -> None:
     received, peak = await _slow_sink_peak(SINK_WINDOW)
     assert received > 0
     assert peak <= SINK_WINDOW
+
+
+async def test_a_client_that_stops_reading_holds_the_server_at_its_high_water_mark(
+    server: tuple[int, list[str]],
+) -> None:
+    """Unpatched asyncssh queues all 32 MiB in the transport (see the canary); patched, the
+    transport holds about its 64 KiB high-water mark plus one flush, and every byte still
+    arrives once the client reads again (resume_writing flushes the channels)."""
+    port, _ = server
+    peak, received = await _unread_transport_peak(port, UNREAD_STREAM, then_read=True)
+    assert peak < 1024 * 1024
+    assert received == UNREAD_STREAM
+
+
+async def test_a_paused_transport_holds_output_in_the_channel_and_pauses_the_session() -> None:
+    """pause_writing() on the connection: the channel keeps what it is given, pauses its
+    session past the high-water mark, still sends EOF/CLOSE; resume_writing() sends it all."""
+
+    class Session(asyncssh.SSHClientSession[bytes]):
+        paused = 0
+        resumed = 0
+
+        def pause_writing(self) -> None:
+            Session.paused += 1
+
+        def resume_writing(self) -> None:
+            Session.resumed += 1
+
+    async with _serving() as (port, _):
+        _NoAuth.conns.clear()
+        async with await _connect(port, GCM) as conn:
+            chan, _ = await conn.create_session(Session, "echo", encoding=None)
+            client: Any = conn
+            writes: list[int] = []
+            real_write = client._transport.write
+
+            def counting_write(data: bytes) -> None:
+                writes.append(len(data))
+                real_write(data)
+
+            client._transport.write = counting_write
+            client.pause_writing()  # as asyncio does past the transport's high-water mark
+            chan.write(b"z" * 50_000)
+            assert chan.get_write_buffer_size() == 50_000 and Session.paused == 0
+            chan.write(b"z" * 50_000)
+            assert chan.get_write_buffer_size() == 100_000 and Session.paused == 1
+            await asyncio.sleep(0.05)
+            assert sum(writes) < 1000  # nothing of the 100 kB went out
+            client.resume_writing()
+            assert chan.get_write_buffer_size() == 0 and Session.resumed == 1
+            client._transport.write = real_write
+            chan.write_eof()
+            await asyncio.wait_for(chan.wait_closed(), 10)
+            assert chan.get_exit_status() == 3
+
+
+async def test_a_peer_that_makes_us_write_past_the_read_pause_mark_is_not_read_until_it_drains(
+    server: tuple[int, list[str]],
+) -> None:
+    """Answers a non-reading peer provokes (requests, pings) are not channel output: past
+    READ_PAUSE_AT in the paused transport the connection stops reading that peer, and reads
+    again once the transport drains."""
+    port, _ = server
+    _NoAuth.conns.clear()
+    async with await _connect(port, GCM) as conn:
+        await conn.run("true")
+        server_conn: Any = _NoAuth.conns[-1]
+        client: Any = conn
+        client._transport.pause_reading()
+        for _ in range(512):  # 16 MiB of packets that are not channel data
+            server_conn.send_packet(MSG_IGNORE, String(b"i" * 32768))
+        await asyncio.sleep(0.2)
+        assert server_conn._transport.get_write_buffer_size() > asyncssh_patches.READ_PAUSE_AT
+        assert server_conn._rtgw_reading_held
+        assert not server_conn._transport.is_reading()
+        client._transport.resume_reading()
+        for _ in range(500):
+            if server_conn._transport.is_reading():
+                break
+            await asyncio.sleep(0.02)
+        assert not server_conn._rtgw_reading_held
+        assert server_conn._transport.is_reading()
+        assert (await conn.run("echo", input=b"still here", encoding=None)).stdout == b"still here"
 
 
 def test_every_patch_is_installed_once_apply_ran() -> None:
@@ -454,7 +584,10 @@ async def _observe_upstream() -> dict[str, Any]:
         _, writes = await _transport_writes_for_burst(port, BURST)
         gcm_packets = await _packets_received(port, GCM, STREAM_PACKETS * 32768)
     _, sink_peak = await _slow_sink_peak(SINK_WINDOW)
+    async with _serving() as (port, _):
+        unread_peak, _ = await _unread_transport_peak(port, UNREAD_STREAM, then_read=False)
     return {
+        "unread_transport_peak": unread_peak,
         "sha1_user_signature_accepted": await _rsa_login(["ssh-rsa"]),
         "writes_for_burst": len(writes),
         "packets_for_gcm_stream": gcm_packets,
@@ -521,6 +654,29 @@ def test_canary_upstream_still_sends_ignore_before_every_gcm_packet(
 def test_canary_upstream_still_overcredits_a_paused_channel(upstream: dict[str, Any]) -> None:
     peak = upstream["slow_sink_peak"]
     _canary(upstream, "window-credit-for-delivered-data", peak > 2 * SINK_WINDOW)
+
+
+def test_canary_upstream_still_ignores_transport_back_pressure(upstream: dict[str, Any]) -> None:
+    # A client that stops reading: asyncssh's no-op pause_writing lets the server's transport
+    # buffer (nearly) the whole stream; the kernel's socket buffers hold the rest.
+    peak = upstream["unread_transport_peak"]
+    _canary(upstream, "pause-writing-reaches-channels", peak > UNREAD_STREAM // 4)
+
+
+def test_canary_upstream_channels_still_flush_up_to_the_window_only() -> None:
+    # The patch runs asyncssh's own _flush_send_buf with a zero send window: that must still
+    # send no data, and still do the high-water check and a pending EOF/CLOSE after the loop.
+    patch = asyncssh_patches.patch_named("channel-output-waits-for-transport")
+    source = inspect.getsource(patch.original("_flush_send_buf"))
+    _, _, after = source.partition("while self._send_buf and self._send_window:")
+    still_there = (
+        bool(after)
+        and "self._pause_resume_writing()" in after
+        and "eof_pending" in after
+        and "close_pending" in after
+        and "transport" not in source
+    )
+    _canary({}, patch.name, still_there)
 
 
 def test_canary_upstream_still_has_no_failed_auth_callback() -> None:

@@ -204,6 +204,14 @@ RESTART_NEEDED = [
     "api.listen",
     "api.enabled",
     "api.max_body_bytes",
+    "api.header_timeout_seconds",
+    "api.idle_timeout_seconds",
+    "api.body_timeout_seconds",
+    "api.max_connections_per_source",
+    "api.invalid_key_burst",
+    "api.invalid_key_per_second",
+    "api.key_rate_burst",
+    "api.key_rate_per_second",
     "metrics.listen",
     "process.workers",
     "process.worker_watchdog_seconds",
@@ -212,6 +220,10 @@ RESTART_NEEDED = [
     "log.format",
     "revocation.mode",
     "revocation.reconcile_interval_seconds",
+    "workos.jwks_url",
+    "workos.issuer",
+    "workos.webhook_secret",
+    "workos.roles",
 ]
 
 

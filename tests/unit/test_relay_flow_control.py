@@ -1,14 +1,21 @@
-"""Flow control in the relay: a slow sandbox must stop the client, whatever asyncssh resumes."""
+"""Flow control in the relay: a slow sandbox must stop the client, whatever asyncssh resumes;
+and every relayed channel reserves its windows from the process's buffer budget."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
+import inspect
+from collections.abc import Iterator
 from typing import Any
 
+import asyncssh
 import pytest
 import structlog
 
-from gateway import asyncssh_patches
+from gateway import asyncssh_patches, messages
+from gateway.daemon import metrics
+from gateway.relay import budget, forward
 from gateway.relay.session import ClientSide
 
 HIGH_WATER = 65536
@@ -20,9 +27,28 @@ def patched() -> None:
     asyncssh_patches.apply()
 
 
+@pytest.fixture
+def buffers(monkeypatch: pytest.MonkeyPatch) -> Iterator[budget.BufferBudget]:
+    """A budget of its own, room for exactly two relayed channels."""
+    own = budget.BufferBudget(2 * budget.relay_cost())
+    monkeypatch.setattr(budget, "BUFFERS", own)
+    yield own
+
+
 class FakeClientChan:
     def __init__(self) -> None:
         self.paused = False
+        self.stderr = b""
+        self.exit_status: int | None = None
+
+    def get_recv_window(self) -> int:
+        return budget.DEFAULT_WINDOW
+
+    def write_stderr(self, data: bytes) -> None:
+        self.stderr += data
+
+    def exit(self, status: int) -> None:
+        self.exit_status = status
 
     def pause_reading(self) -> None:
         self.paused = True
@@ -57,12 +83,17 @@ class FakeUpChan:
     def write_eof(self) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
 
 class FakeConn:
     def __init__(self) -> None:
         self.up: FakeUpChan | None = None
+        self.kwargs: dict[str, Any] = {}
 
     async def create_session(self, factory: Any, command: Any, **kwargs: Any) -> Any:
+        self.kwargs = kwargs
         session = factory()
         self.up = FakeUpChan(session)
         session.connection_made(self.up)
@@ -108,3 +139,91 @@ async def test_small_pending_data_resumes_the_client() -> None:
     await asyncio.sleep(0.01)
     assert conn.up is not None and conn.up.queued == 100
     assert not chan.paused
+
+
+# --- the buffer budget ------------------------------------------------------------------------
+
+
+def test_a_relayed_pair_costs_its_two_windows_and_two_send_buffers() -> None:
+    # asyncssh's defaults: 2 MiB windows, 64 KiB high water, 32 KiB packets.
+    assert budget.DEFAULT_WINDOW == asyncssh.connection._DEFAULT_WINDOW
+    assert budget.MAX_PACKET == asyncssh.connection._DEFAULT_MAX_PKTSIZE
+    limits = inspect.getsource(asyncssh.channel.SSHChannel.set_write_buffer_limits)
+    assert f"else {budget.SEND_HIGH_WATER}" in limits
+    assert budget.relay_cost() == 2 * (2 * 1024 * 1024 + 65536 + 32768)
+    assert budget.relay_cost(1024, 4096) == 1024 + 4096 + 2 * (65536 + 32768)
+
+
+async def test_sessions_reserve_the_budget_and_one_past_it_is_refused(
+    buffers: budget.BufferBudget,
+) -> None:
+    refused = metrics.RELAY_BUFFER_REFUSALS.labels("session")
+    before = refused._value.get()
+    conns, sides = [FakeConn() for _ in range(3)], []
+    for conn in conns:
+        side, chan = make(conn)
+        side.session_started()
+        sides.append((side, chan))
+    await asyncio.sleep(0.01)
+    assert buffers.reserved == 2 * budget.relay_cost()
+    # The first two relay, with the window their reservation assumed upstream too.
+    assert conns[0].up is not None and conns[1].up is not None
+    assert conns[0].kwargs["window"] == budget.DEFAULT_WINDOW
+    # The third: refused before any upstream work, one stderr line, exit 255, counted.
+    third_side, third = sides[2]
+    assert conns[2].up is None
+    assert third.exit_status == messages.GATEWAY_EXIT_STATUS
+    assert third.stderr.startswith(b"runtools: the gateway is relaying as much data")
+    assert b"opened no new session" in third.stderr
+    assert third_side.summary.reason == messages.BUFFER_BUDGET_EXHAUSTED.code
+    assert refused._value.get() == before + 1
+    # A session that ends gives its share back; the refused one had none to give.
+    third_side.connection_lost(None)
+    sides[0][0].connection_lost(None)
+    assert buffers.reserved == budget.relay_cost()
+    sides[0][0].connection_lost(None)  # twice: nothing more
+    assert buffers.reserved == budget.relay_cost()
+    side, _ = make(FakeConn())
+    side.session_started()
+    assert buffers.reserved == 2 * budget.relay_cost()
+
+
+async def test_a_session_dropped_without_connection_lost_still_gives_its_share_back(
+    buffers: budget.BufferBudget,
+) -> None:
+    side, _ = make(FakeConn())
+    side.session_started()
+    await asyncio.sleep(0.01)
+    assert buffers.reserved == budget.relay_cost()
+    del side
+    await asyncio.sleep(0)  # the upstream task finished: nothing else refers to the session
+    gc.collect()
+    assert buffers.reserved == 0
+
+
+class FakeUpstream:
+    def __init__(self) -> None:
+        self.opened = 0
+
+    async def create_connection(self, factory: Any, host: str, port: int) -> Any:
+        self.opened += 1
+        return None, factory()
+
+
+async def test_forwarding_channels_reserve_the_budget_and_fail_to_open_past_it(
+    buffers: budget.BufferBudget,
+) -> None:
+    up, closed = FakeUpstream(), []
+    ends = [
+        await forward.open_tunnel(up, "127.0.0.1", 80, lambda: closed.append(1))  # type: ignore[arg-type]
+        for _ in range(2)
+    ]
+    with pytest.raises(asyncssh.ChannelOpenError) as err:
+        await forward.open_tunnel(up, "127.0.0.1", 80, lambda: None)  # type: ignore[arg-type]
+    assert err.value.code == asyncssh.OPEN_RESOURCE_SHORTAGE
+    assert "opened no new forwarding channel" in err.value.reason
+    assert up.opened == 2  # nothing opened inside the sandbox for the refused one
+    ends[0].connection_lost(None)
+    assert closed == [1] and buffers.reserved == budget.relay_cost()
+    await forward.open_tunnel(up, "127.0.0.1", 80, lambda: None)  # type: ignore[arg-type]
+    assert buffers.reserved == 2 * budget.relay_cost()

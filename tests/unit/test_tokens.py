@@ -199,6 +199,7 @@ def test_known_scopes() -> None:
                 "api-key:*",
                 "api-key:read",
                 "api-key:write",
+                "audit:read",
             }
         )
         == SCOPES

@@ -6,7 +6,9 @@ import asyncio
 
 import pytest
 
-from gateway.upstream.pool import UpstreamPool
+from gateway import messages
+from gateway.errors import UpstreamError
+from gateway.upstream.pool import LeaseBook, PoolLimits, UpstreamPool
 from gateway.upstream.target import Target
 
 
@@ -138,7 +140,13 @@ async def test_connect_errors_propagate_and_leave_nothing_behind() -> None:
     pool = UpstreamPool(Connector(fail=True))
     with pytest.raises(OSError):
         await pool.acquire(target())
-    assert pool.stats() == {"targets": 0, "connections": 0, "leases": 0, "opening": 0}
+    assert pool.stats() == {
+        "targets": 0,
+        "connections": 0,
+        "leases": 0,
+        "opening": 0,
+        "waiting": 0,
+    }
     await pool.close()
 
 
@@ -151,8 +159,6 @@ class _CountingLease:
 
 
 def test_lease_book_releases_each_lease_once_whatever_the_order() -> None:
-    from gateway.upstream.pool import LeaseBook
-
     book = LeaseBook()
     a, b = _CountingLease(), _CountingLease()
     book.hold("session-a", a)  # type: ignore[arg-type]
@@ -166,10 +172,184 @@ def test_lease_book_releases_each_lease_once_whatever_the_order() -> None:
 
 def test_lease_stored_after_the_client_left_is_released_at_once() -> None:
     """A channel whose upstream arrived after connection_lost must not keep a pool slot."""
-    from gateway.upstream.pool import LeaseBook
-
     book = LeaseBook()
+    assert book.hold("early", _CountingLease())  # type: ignore[arg-type]
     book.release_all()  # the client connection is gone ...
     late = _CountingLease()
-    book.hold("forward", late)  # type: ignore[arg-type]  # ... then its lease arrives
+    held = book.hold("forward", late)  # type: ignore[arg-type]  # ... then its lease arrives
+    assert not held  # the caller opens no channel for nobody
     assert late.released == 1 and len(book) == 0
+
+
+# --- capacity, waits with a bound, cancellation (issue 9 findings 3 and 4, issue 12 finding 3) ---
+
+
+async def test_a_burst_opens_the_connections_it_needs_at_once_not_one_after_another() -> None:
+    connect = Connector(delay=0.2)
+    pool = UpstreamPool(connect, max_sessions=10, max_conns_per_target=32)
+    t0 = asyncio.get_running_loop().time()
+    leases = await asyncio.gather(*(pool.acquire(target()) for _ in range(81)))
+    elapsed = asyncio.get_running_loop().time() - t0
+    assert len(connect.opened) == 9  # 81 channels, 10 per connection
+    assert elapsed < 0.2 * 2  # the nine connects ran side by side
+    assert len({id(lease.conn) for lease in leases}) == 9
+    assert pool.stats()["leases"] == 81
+    await pool.close()
+
+
+async def test_the_default_capacity_is_sized_for_real_use() -> None:
+    limits = PoolLimits()
+    assert (limits.max_sessions, limits.max_conns_per_target) == (10, 32)
+    assert limits.per_target == 320
+
+
+async def test_a_full_sandbox_refuses_after_the_lease_timeout_with_a_reason_code() -> None:
+    pool = UpstreamPool(
+        Connector(), max_sessions=1, max_conns_per_target=1, lease_timeout_seconds=0.1
+    )
+    held = await pool.acquire(target())
+    t0 = asyncio.get_running_loop().time()
+    with pytest.raises(UpstreamError) as err:
+        await pool.acquire(target())
+    assert err.value.reason_code == messages.UPSTREAM_BUSY.code
+    assert 0.09 < asyncio.get_running_loop().time() - t0 < 1
+    assert pool.stats()["waiting"] == 0 and pool.stats()["leases"] == 1
+    held.release()
+    assert pool.stats()["leases"] == 0
+    await pool.close()
+
+
+async def test_waiters_are_served_in_arrival_order() -> None:
+    pool = UpstreamPool(Connector(), max_sessions=1, max_conns_per_target=1)
+    held = await pool.acquire(target())
+    order: list[int] = []
+
+    async def wait(i: int) -> None:
+        lease = await pool.acquire(target())
+        order.append(i)
+        lease.release()
+
+    waiters = [asyncio.ensure_future(wait(i)) for i in range(5)]
+    await asyncio.sleep(0.01)
+    held.release()
+    await asyncio.wait_for(asyncio.gather(*waiters), 1)
+    assert order == [0, 1, 2, 3, 4]
+    await pool.close()
+
+
+async def test_a_waiter_cancelled_while_waiting_leaves_no_lease() -> None:
+    pool = UpstreamPool(Connector(), max_sessions=1, max_conns_per_target=1)
+    held = await pool.acquire(target())
+    waiters = [asyncio.ensure_future(pool.acquire(target())) for _ in range(50)]
+    await asyncio.sleep(0.01)
+    assert pool.stats()["waiting"] == 50
+    for waiter in waiters:
+        waiter.cancel()
+    await asyncio.gather(*waiters, return_exceptions=True)
+    assert pool.stats()["waiting"] == 0
+    held.release()
+    assert pool.stats()["leases"] == 0
+    again = await asyncio.wait_for(pool.acquire(target()), 1)  # the slot is free
+    again.release()
+    await pool.close()
+
+
+async def test_a_lease_handed_to_a_waiter_that_is_cancelled_at_that_moment_goes_back() -> None:
+    pool = UpstreamPool(Connector(), max_sessions=1, max_conns_per_target=1)
+    held = await pool.acquire(target())
+    waiter = asyncio.ensure_future(pool.acquire(target()))
+    await asyncio.sleep(0.01)
+    held.release()  # hands the slot to the waiter ...
+    waiter.cancel()  # ... which is cancelled before it could run
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert pool.stats()["leases"] == 0 and pool.stats()["waiting"] == 0
+    await pool.close()
+
+
+async def test_a_failed_connect_fails_its_waiters_and_a_failed_warm_up_logs_nothing() -> None:
+    errors: list[dict[str, object]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+    try:
+        connect = Connector(delay=0.01, fail=True)
+        pool = UpstreamPool(connect)
+        pool.warm(target())
+        results = await asyncio.gather(
+            *(pool.acquire(target()) for _ in range(5)), return_exceptions=True
+        )
+        assert all(isinstance(r, OSError) for r in results)
+        pool.warm(target("sandbox-b"))
+        await asyncio.sleep(0.05)
+        import gc
+
+        gc.collect()
+        await asyncio.sleep(0)
+        assert errors == []
+        assert pool.stats()["opening"] == 0 and pool.stats()["targets"] == 0
+        await pool.close()
+    finally:
+        asyncio.get_running_loop().set_exception_handler(None)
+
+
+async def test_report_full_sends_the_retry_to_another_connection_and_retires_a_useless_one() -> (
+    None
+):
+    connect = Connector()
+    pool = UpstreamPool(connect, max_sessions=10)
+    only = await pool.acquire(target())
+    only.report_full()  # refused although alone: this connection takes no channel at all
+    only.release()
+    assert only.conn.is_closed()
+    retry = await pool.acquire(target())
+    assert retry.conn is not only.conn
+    await pool.close()
+
+
+async def test_report_full_caps_a_connection_at_what_it_carries() -> None:
+    connect = Connector()
+    pool = UpstreamPool(connect, max_sessions=10)
+    accepted = [await pool.acquire(target()) for _ in range(3)]
+    refused = await pool.acquire(target())
+    refused.report_full()  # the sandbox's MaxSessions is 3
+    refused.release()
+    nxt = await pool.acquire(target())
+    assert nxt.conn is not accepted[0].conn
+    accepted[0].release()
+    back = await pool.acquire(target())  # a freed slot on the first connection is used again
+    assert back.conn is accepted[0].conn
+    await pool.close()
+
+
+async def test_limits_are_read_at_each_use() -> None:
+    limits = PoolLimits(max_sessions=1, max_conns_per_target=1, lease_timeout_seconds=0.05)
+    current = [limits]
+    pool = UpstreamPool(Connector(), limits=lambda: current[0])
+    await pool.acquire(target())
+    with pytest.raises(UpstreamError):
+        await pool.acquire(target())
+    current[0] = PoolLimits(max_sessions=1, max_conns_per_target=2, lease_timeout_seconds=0.05)
+    second = await pool.acquire(target())  # a reload raised the cap: a new connection opens
+    assert pool.stats()["connections"] == 2
+    second.release()
+    await pool.close()
+
+
+async def test_every_change_reaches_the_observer() -> None:
+    seen: list[dict[str, int]] = []
+    pool = UpstreamPool(Connector(), on_change=seen.append)
+    lease = await pool.acquire(target())
+    assert seen[-1]["leases"] == 1 and seen[-1]["connections"] == 1
+    lease.release()
+    assert seen[-1]["leases"] == 0
+    await pool.close()
+
+
+async def test_close_fails_waiters_with_a_reason_code() -> None:
+    pool = UpstreamPool(Connector(), max_sessions=1, max_conns_per_target=1)
+    await pool.acquire(target())
+    waiter = asyncio.ensure_future(pool.acquire(target()))
+    await asyncio.sleep(0.01)
+    await pool.close()
+    with pytest.raises(UpstreamError) as err:
+        await waiter
+    assert err.value.reason_code == messages.GATEWAY_DRAINING.code

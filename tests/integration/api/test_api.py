@@ -175,6 +175,10 @@ _SCOPE_CASES = [
     (["api-key:*"], "GET /v1/ssh-keys/{id}", False),
     (["*"], "GET /v1/ssh-keys", True),
     (["*"], "POST /v1/api-keys/{id}/rotate", True),
+    (["audit:read"], "GET /v1/audit-events", True),
+    (["audit:read"], "GET /v1/ssh-keys", False),
+    (["ssh-key:*", "api-key:*"], "GET /v1/audit-events", False),
+    (["*"], "GET /v1/audit-events", True),
 ]
 
 
