@@ -30,13 +30,19 @@ from typing import Any
 from gateway.lab.postgres import ThrowawayCluster
 from gateway.lab.process import GatewayProcess
 from gateway.lab.sandbox_sshd import SandboxSshd
-from gateway.lab.seed import Upstream, create_tenant, migrate_database
+from gateway.lab.seed import Tenant, Upstream, create_tenant, migrate_database
 from gateway.lab.user_keys import UserKey, make_key
 from gateway.ssh import hostkeys
 
 CIPHER = "aes128-gcm@openssh.com"
 KEX = "curve25519-sha256"
 SANDBOX = "sandbox-bench"
+# A second sandbox of the same org on the same sshd: its own shared upstream connection, for
+# "a neighbour's bulk transfer on another sandbox" (bench/flows.py).
+SANDBOX2 = "sandbox-bench-2"
+# upstream.pool_idle_seconds for the bench lab (default 60 s): short, so "first session after
+# idle" waits seconds, not a minute. The smoke profile passes 1 s.
+POOL_IDLE_SECONDS = 5.0
 
 
 def raise_nofile() -> int:
@@ -55,6 +61,7 @@ class Lab:
     gateway: GatewayProcess | None = None
     key_path: Path | None = None
     ssh_config: Path | None = None
+    pool_idle_seconds: float = POOL_IDLE_SECONDS
 
     # --- bring-up ---
 
@@ -73,7 +80,8 @@ class Lab:
             extra_config=["MaxStartups 1000:30:2000"],
         )
         self.sshd.start()
-        asyncio.run(self._seed(self.cluster.dsn, Upstream.of(self.sshd), user_key))
+        tenant = asyncio.run(self._seed(self.cluster.dsn, Upstream.of(self.sshd), user_key))
+        tenant.add_sandbox(Upstream.of(self.sshd), SANDBOX2)
         self.gateway = GatewayProcess(
             database_url=self.cluster.dsn,
             state_dir=state,
@@ -81,15 +89,16 @@ class Lab:
                 "RTGW_LOG_LEVEL": log_level,
                 "RTGW_SSH_MAX_UNAUTHENTICATED": "1000",
                 "RTGW_DATABASE_POOL_MAX_SIZE": "10",
+                "RTGW_UPSTREAM_POOL_IDLE_SECONDS": f"{self.pool_idle_seconds:g}",
             },
         ).start()
         self._write_ssh_config()
         return self
 
     @staticmethod
-    async def _seed(dsn: str, upstream: Upstream, user_key: UserKey) -> None:
+    async def _seed(dsn: str, upstream: Upstream, user_key: UserKey) -> Tenant:
         await migrate_database(dsn)
-        await create_tenant(
+        return await create_tenant(
             dsn,
             upstream,
             slug="bench",
@@ -134,18 +143,32 @@ class Lab:
     # --- the three paths ---
 
     def ssh_cmd(self, path: str, *remote: str) -> list[str]:
-        """``ssh`` argv for ``direct`` | ``bastion`` | ``gateway``, running ``remote``."""
+        """``ssh`` argv for ``direct`` | ``bastion`` | ``gateway`` | ``gateway2`` (the second
+        sandbox), running ``remote``."""
         assert self.sshd is not None and self.gateway is not None
         base = ["ssh", "-F", str(self.ssh_config)]
         user, port = self.sshd.login_user, self.sshd.port
-        if path == "direct":
-            return [*base, "-p", str(port), f"{user}@127.0.0.1", *remote]
         if path == "bastion":
             jump = f"{user}@localhost:{port}"  # another name, or ssh sees a jump loop
             return [*base, "-J", jump, "-p", str(port), f"{user}@127.0.0.1", *remote]
+        port, login = self.target(path)
+        return [*base, "-p", str(port), f"{login}@127.0.0.1", *remote]
+
+    def target(self, path: str) -> tuple[int, str]:
+        """(port, login name) on 127.0.0.1 for ``direct`` | ``gateway`` | ``gateway2``."""
+        assert self.sshd is not None and self.gateway is not None
+        if path == "direct":
+            return self.sshd.port, self.sshd.login_user
         if path == "gateway":
-            return [*base, "-p", str(self.gateway.ssh_port), f"{SANDBOX}@127.0.0.1", *remote]
+            return self.gateway.ssh_port, SANDBOX
+        if path == "gateway2":
+            return self.gateway.ssh_port, SANDBOX2
         raise ValueError(path)
+
+    def client_options(self, path: str) -> dict[str, Any]:
+        """asyncssh client options for ``direct`` | ``gateway`` | ``gateway2``."""
+        port, login = self.target(path)
+        return {**self.gateway_client_options(), "port": port, "username": login}
 
     def restart_gateway(self) -> None:
         """A fresh gateway process (same port, keys, state): memory figures start clean."""

@@ -40,6 +40,7 @@ from typing import Any
 
 import asyncssh
 
+from bench import flows
 from bench.lab import CIPHER, KEX, Lab
 from gateway.ssh import algorithms
 
@@ -67,13 +68,30 @@ class Profile:
     slow_clients: int
     slow_bytes: int
     slow_seconds: float
+    echo_count: int  # 1-byte echoes per round-trip measurement
+    tree_files: int
+    tree_bytes: int
+    tree_runs: int
+    pool_idle_seconds: float  # RTGW_UPSTREAM_POOL_IDLE_SECONDS for the lab
+    auth_rounds: int  # bursts of login_clients simultaneous logins
 
 
+TREE = 20_000_000  # bytes in the 5,000-file tree
 PROFILES = {
-    "full": Profile("full", 30, GIB, 3, 32, 20.0, 1000, 20, GIB, 15.0),
-    "quick": Profile("quick", 30, 256 * MIB, 3, 32, 10.0, 1000, 20, 256 * MIB, 8.0),
-    "smoke": Profile("smoke", 3, 4 * MIB, 1, 4, 1.5, 10, 2, 8 * MIB, 1.5),
+    "full": Profile(
+        "full", 30, GIB, 5, 32, 20.0, 1000, 20, GIB, 15.0, 5000, 5000, TREE, 3, 5.0, 10
+    ),
+    "quick": Profile(
+        "quick", 30, 256 * MIB, 3, 32, 10.0, 1000, 20, 256 * MIB, 8.0, 2000, 5000, TREE, 1, 5.0, 5
+    ),
+    "smoke": Profile(
+        "smoke", 3, 4 * MIB, 1, 4, 1.5, 10, 2, 8 * MIB, 1.5, 100, 60, 240_000, 1, 1.0, 1
+    ),
 }
+# --only names; "throughput" is the old name of "bulk", "memory" was called "idle" before
+# "idle" meant the first session after idle.
+PARTS = "connect rtt tree interactive idle bulk auth logins memory slow".split()
+ALIASES = {"throughput": "bulk"}
 
 
 @dataclass
@@ -318,7 +336,9 @@ def percentile(values: list[float], q: float) -> float:
 def fmt(value: float | None, unit: str) -> str:
     if value is None:
         return "—"
-    if unit in ("ms", "MB/s", "logins/s", "s/GiB", "KiB", "MiB"):
+    if unit in ("ms", "s", "MB/s", "logins/s", "s/GiB", "KiB", "MiB"):
+        if value < 10:
+            return f"{value:.2f} {unit}"
         return f"{value:,.1f} {unit}" if value < 100 else f"{value:,.0f} {unit}"
     return f"{value:g} {unit}"
 
@@ -368,6 +388,137 @@ def measure(lab: Lab, profile: Profile, results: Results, only: set[str] | None)
             say(f"-- {name} ...")
             fn()
             say(f"   {name}: {time.monotonic() - t0:.1f} s")
+
+    def ms(values: list[float], q: float) -> float:
+        return percentile(values, q) * 1000
+
+    def rtt() -> None:
+        samples = {p: flows.echo_rtt(lab, p, profile.echo_count) for p in ("direct", "gateway")}
+        raw["echo_seconds"] = samples
+        for q in (50, 99):
+            d, g = ms(samples["direct"], q), ms(samples["gateway"], q)
+            rows.append(
+                Row(
+                    f"echo round trip p{q}, 1 B via cat x {profile.echo_count}",
+                    "ms",
+                    d,
+                    None,
+                    g,
+                    target="≤ direct + 0.1 ms",
+                    met=g <= d + 0.1,
+                )
+            )
+
+    def tree() -> None:
+        size = f"{profile.tree_files:,} files / {profile.tree_bytes / 1e6:g} MB"
+        say(f"   making a {size} tree ...")
+        t = flows.TreeLab(lab, profile.tree_files, profile.tree_bytes)
+        try:
+            # smoke: two flows only (the 60 s budget); the others run in quick and full
+            for flow in flows.TREE_FLOWS[::4] if profile.name == "smoke" else flows.TREE_FLOWS:
+                for direction in ("up", "down"):
+                    runs: dict[str, list[float]] = {"direct": [], "gateway": []}
+                    for _ in range(profile.tree_runs):  # interleaved: drift hits both alike
+                        for path in ("direct", "gateway"):
+                            runs[path].append(t.run(flow, direction, path))
+                    raw[f"tree_{flow}_{direction}_seconds"] = runs
+                    d, g = (statistics.median(runs[p]) for p in ("direct", "gateway"))
+                    rows.append(
+                        Row(
+                            f"`{flow}` {direction} {size} (median of {profile.tree_runs})",
+                            "s",
+                            d,
+                            None,
+                            g,
+                            target="≤ 1.2x direct",
+                            met=g <= 1.2 * d,
+                        )
+                    )
+        finally:
+            t.remove()
+
+    def interactive() -> None:
+        n = profile.echo_count
+        cases = (
+            ("direct", "direct", "direct, neighbour direct"),
+            ("gateway", "gateway", "neighbour on the same sandbox"),
+            ("gateway", "gateway2", "neighbour on another sandbox"),
+        )
+        out: dict[str, tuple[list[float], float]] = {}
+        for echo_path, bulk_path, label in cases:
+            out[label] = flows.echo_beside_bulk(lab, echo_path, bulk_path, n)
+        raw["interactive"] = {k: {"seconds": v[0], "bulk_mb_s": v[1]} for k, v in out.items()}
+        base = out["direct, neighbour direct"]
+        for label in ("neighbour on the same sandbox", "neighbour on another sandbox"):
+            samples, rate = out[label]
+            for q in (50, 99, 100):
+                d, g = ms(base[0], q), ms(samples, q)
+                name = "max" if q == 100 else f"p{q}"
+                rows.append(
+                    Row(
+                        f"interactive echo {name} beside bulk upload, {label}",
+                        "ms",
+                        d,
+                        None,
+                        g,
+                        target="≤ direct + 2 ms" if q == 99 else "",
+                        met=g <= d + 2 if q == 99 else None,
+                        notes=f"bulk {rate:.0f} MB/s (direct {base[1]:.0f})",
+                    )
+                )
+
+    def idle() -> None:
+        wait = profile.pool_idle_seconds * 1.5 + 1  # the pool reaps every idle/2 seconds
+        runs = [flows.first_session_after_idle(lab, wait) for _ in range(1)]
+        raw["first_session_after_idle"] = {"wait_seconds": wait, "runs": runs}
+        d = statistics.median(r["direct"] for r in runs) * 1000
+        g = statistics.median(r["gateway"] for r in runs) * 1000
+        rows.append(
+            Row(
+                f"first session after {wait:g} s idle (pool idle {profile.pool_idle_seconds:g} s)",
+                "ms",
+                d,
+                None,
+                g,
+                target="≤ 1.5x direct",
+                met=g <= 1.5 * d,
+            )
+        )
+
+    def auth() -> None:
+        clients = profile.login_clients
+        offset = log_path.stat().st_size
+        before = flows.auth_histogram(lab)
+        failed = flows.login_bursts(lab, clients, profile.auth_rounds)
+        after = flows.auth_histogram(lab)
+        values = auth_latencies(log_path, offset)
+        raw["auth_burst"] = {"seconds": values, "failed": failed}
+        label = f"{profile.auth_rounds} bursts of {clients} concurrent logins"
+        if values:
+            p99 = percentile(values, 99) * 1000
+            rows.append(
+                Row(
+                    f"auth decision p99, {label} (log)",
+                    "ms",
+                    gateway=p99,
+                    target="≤ 50 ms",
+                    met=p99 <= 50,
+                    notes=f"p50 {percentile(values, 50) * 1000:.1f} ms, {failed} failed",
+                )
+            )
+        if before is not None and after is not None:
+            bound = flows.histogram_quantile(before, after, 0.99) * 1000
+            raw["auth_burst"]["histogram_p99_bucket_ms"] = bound
+            rows.append(
+                Row(
+                    f"auth decision p99, {label} (/metrics bucket)",
+                    "ms",
+                    gateway=bound,
+                    target="≤ 50 ms",
+                    met=bound <= 50,
+                    notes="upper bound of the histogram bucket",
+                )
+            )
 
     def connect() -> None:
         medians: dict[str, float] = {}
@@ -455,7 +606,7 @@ def measure(lab: Lab, profile: Profile, results: Results, only: set[str] | None)
                 rows.append(Row(f"auth decision p50 ({label})", "ms", gateway=p50))
                 rows.append(Row(f"auth decision p99 ({label})", "ms", gateway=p99))
 
-    def idle() -> None:
+    def memory() -> None:
         lab.restart_gateway()
         before, after, errors = idle_rss(lab, profile.idle_connections)
         per = (after - before) / profile.idle_connections / 1024
@@ -492,9 +643,14 @@ def measure(lab: Lab, profile: Profile, results: Results, only: set[str] | None)
             )
 
     timed("connect", connect)
-    timed("throughput", throughput)
-    timed("logins", logins)
+    timed("rtt", rtt)
+    timed("tree", tree)
+    timed("interactive", interactive)
     timed("idle", idle)
+    timed("bulk", throughput)
+    timed("auth", auth)
+    timed("logins", logins)
+    timed("memory", memory)
     timed("slow", slow)
 
 
@@ -503,14 +659,13 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="256 MiB transfers, fewer runs")
     mode.add_argument("--smoke", action="store_true", help="tiny sizes: checks the bench runs")
-    parser.add_argument(
-        "--only",
-        help="comma-separated subset of: connect,throughput,logins,idle,slow",
-    )
+    parser.add_argument("--only", help=f"comma-separated subset of: {','.join(PARTS)}")
     parser.add_argument("--json", type=Path, help="write results here (default bench/results/)")
     args = parser.parse_args(argv)
     profile = PROFILES["smoke" if args.smoke else "quick" if args.quick else "full"]
-    only = set(args.only.split(",")) if args.only else None
+    only = {ALIASES.get(n, n) for n in args.only.split(",")} if args.only else None
+    if only and only - set(PARTS):
+        parser.error(f"unknown --only part(s): {','.join(sorted(only - set(PARTS)))}")
     started = time.strftime("%Y-%m-%dT%H-%M-%S")
     results = Results(
         profile=profile.name,
@@ -524,7 +679,8 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
     say(f"bringing up PostgreSQL, sandbox sshd and gateway (profile {profile.name}) ...")
-    lab = Lab()
+    lab = Lab(pool_idle_seconds=profile.pool_idle_seconds)
+    results.raw["pool_idle_seconds"] = profile.pool_idle_seconds
     try:
         lab.start()
         measure(lab, profile, results, only)

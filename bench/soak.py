@@ -105,7 +105,7 @@ def run(seconds: float, every: float) -> int:
                 if time.monotonic() >= next_row:
                     t = time.monotonic() - start
                     rss, fds = rss_mib(gw.pid), open_fds(gw.pid)
-                    tasks = metric(gw.api_port, "rtgw_asyncio_tasks")
+                    tasks = metric(gw.metrics_port, "rtgw_asyncio_tasks")
                     rows.append((t, rss, fds, tasks))
                     shown = f"{tasks:.0f}" if tasks is not None else "-"
                     print(

@@ -76,6 +76,14 @@ another window (7-16 MB seen per channel against a 2 MiB window, several hundred
 uploads into slow readers). ``_deliver_data`` now counts bytes still buffered as not yet
 consumed, so a channel never holds more than one window of received data. Upstream-worthy.
 
+``guessed-kex-per-rfc4253``: a client may guess the kex and send its first kex packet right
+after KEXINIT (``first_kex_packet_follows``; Dropbear's dbclient does). RFC 4253 7.1: the guess
+is wrong, and that packet must be ignored, when the preferred (first) kex or host-key algorithms
+of the two sides differ. asyncssh only checks that the negotiated kex is the peer's first, so it
+answered Dropbear's guess while Dropbear, seeing our different preference, sent the packet
+again: "Key exchange not in progress". ``_process_kexinit`` now sets ``_ignore_first_kex`` by
+the RFC's rule, from both KEXINIT payloads. Upstream-worthy (report to ronf/asyncssh).
+
 Why a layer and not a fork
 --------------------------
 Decision: keep this layer of named patches on the PyPI release, pinned ``asyncssh>=2.24.1,<2.25``
@@ -117,7 +125,7 @@ import asyncssh
 import asyncssh.channel
 import asyncssh.connection
 import structlog
-from asyncssh.constants import MSG_IGNORE
+from asyncssh.constants import MSG_IGNORE, MSG_KEXINIT
 from asyncssh.packet import SSHPacket, String
 
 from gateway.errors import IncompatibleLibrary
@@ -429,6 +437,50 @@ def _install_userauth_failure_hook(patch: Patch) -> None:
     cls.send_userauth_failure = send_userauth_failure
 
 
+# --- guessed-kex-per-rfc4253 -----------------------------------------------------------------
+
+
+def kexinit_guess(payload: bytes) -> tuple[bytes, bytes, bool]:
+    """A KEXINIT payload's preferred kex and host-key algorithms and first_kex_packet_follows."""
+    packet = SSHPacket(payload)
+    packet.get_byte()  # MSG_KEXINIT
+    packet.get_bytes(16)  # cookie
+    kex = packet.get_namelist()
+    host_keys = packet.get_namelist()
+    for _ in range(8):  # ciphers, MACs, compression (both ways), languages (both ways)
+        packet.get_namelist()
+    follows = packet.get_boolean()
+    return (kex[0] if kex else b"", host_keys[0] if host_keys else b"", follows)
+
+
+def guess_is_wrong(mine: bytes, peer: bytes) -> bool:
+    """RFC 4253 7.1: the peer's guessed kex packet must be ignored when its preferred kex or
+    host-key algorithm differs from ours (OpenSSH's ``proposals_match``, Dropbear's rule)."""
+    my_kex, my_host_key, _ = kexinit_guess(mine)
+    peer_kex, peer_host_key, follows = kexinit_guess(peer)
+    return follows and (my_kex != peer_kex or my_host_key != peer_host_key)
+
+
+def _install_guessed_kex(patch: Patch) -> None:
+    original = patch.original("_process_kexinit")
+
+    async def _process_kexinit(self: Any, pkttype: int, pktid: int, packet: SSHPacket) -> None:
+        await original(self, pkttype, pktid, packet)
+        # Receiving stays blocked until this coroutine ends, so the guessed packet (if any)
+        # has not been looked at yet.
+        if self.is_server():
+            mine, peer = self._server_kexinit, self._client_kexinit
+        else:
+            mine, peer = self._client_kexinit, self._server_kexinit
+        self._ignore_first_kex = guess_is_wrong(mine, peer)
+
+    cls: Any = patch.target
+    cls._process_kexinit = _process_kexinit
+    # Packets are dispatched through a table built when the class was defined: replace the
+    # entry too, or the wrapper is never called.
+    cls._packet_handlers = {**cls._packet_handlers, MSG_KEXINIT: _process_kexinit}
+
+
 # --- pause-writing-reaches-channels + channel-output-waits-for-transport ----------------------
 
 
@@ -573,6 +625,19 @@ PATCHES: tuple[Patch, ...] = (
         target=_CONN,
         originals=_originals(_CONN, "send_userauth_failure"),
         install=_install_userauth_failure_hook,
+    ),
+    Patch(
+        name="guessed-kex-per-rfc4253",
+        upstream=(
+            "SSHConnection._process_kexinit keeps a peer's guessed first kex packet "
+            "(first_kex_packet_follows) whenever the negotiated kex is the peer's first, "
+            "although RFC 4253 7.1 (and OpenSSH, Dropbear) call the guess wrong when the two "
+            "sides' preferred kex or host-key algorithms differ: Dropbear's dbclient then "
+            "sends its kex packet again and gets 'Key exchange not in progress'"
+        ),
+        target=_CONN,
+        originals=_originals(_CONN, "_process_kexinit"),
+        install=_install_guessed_kex,
     ),
     Patch(
         name="pause-writing-reaches-channels",

@@ -144,6 +144,21 @@ class QuotasConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ForwardingConfig:
+    """What a client may forward (gateway/ssh/forwarding.py). Agent and remote forwardings run
+    on an upstream connection of the client's own (never a shared one); X11 is always refused."""
+
+    # ssh -A: the sandbox's ssh-agent requests reach the client's agent.
+    agent: bool = True
+    # ssh -R port forwardings (TCP listeners inside the sandbox, port 0 included).
+    remote: bool = True
+    # Unix sockets: ssh -L /local.sock:/remote.sock and ssh -R /remote.sock:/local.sock.
+    streamlocal: bool = True
+    # Remote forwardings (listeners) one client connection may hold at once.
+    max_remote_per_connection: int = 16
+
+
+@dataclass(frozen=True, slots=True)
 class ApiConfig:
     listen: str = field(default="127.0.0.1:8080", metadata=RESTART)
     enabled: bool = field(default=True, metadata=RESTART)
@@ -170,9 +185,9 @@ class ApiConfig:
 
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
-    # "" serves /metrics, /healthz and /readyz on the API listener (api.enabled must be true);
-    # "host:port" serves them on a listener of their own instead.
-    listen: str = field(default="", metadata=RESTART)
+    # /metrics, /healthz and /readyz: on a listener of their own, loopback by default (not the
+    # public API port); "" serves them on the API listener instead (api.enabled must be true).
+    listen: str = field(default="127.0.0.1:9122", metadata=RESTART)
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,6 +248,7 @@ class Config:
     admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     upstream: UpstreamConfig = field(default_factory=UpstreamConfig)
     quotas: QuotasConfig = field(default_factory=QuotasConfig)
+    forwarding: ForwardingConfig = field(default_factory=ForwardingConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     process: ProcessConfig = field(default_factory=ProcessConfig)
@@ -271,6 +287,9 @@ class Config:
             sections[section_name] = section_type(**values)
         if raw:
             raise ConfigError(next(iter(raw)), "unknown section")
+        url = database_url_from_file(env)
+        if url is not None:
+            sections["database"] = dataclasses.replace(sections["database"], url=url)
         config = cls(**sections)
         config.validate()
         return config
@@ -304,6 +323,7 @@ class Config:
             "upstream.lease_timeout_seconds": self.upstream.lease_timeout_seconds,
             "quotas.max_forwards_per_connection": self.quotas.max_forwards_per_connection,
             "quotas.upstream_share_percent": self.quotas.upstream_share_percent,
+            "forwarding.max_remote_per_connection": self.forwarding.max_remote_per_connection,
             "quotas.max_connections_per_key": self.quotas.max_connections_per_key,
             "quotas.max_connections_per_org": self.quotas.max_connections_per_org,
             "api.max_body_bytes": self.api.max_body_bytes,
@@ -381,6 +401,38 @@ class Config:
 
     def trusted_proxy_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         return [ipaddress.ip_network(c, strict=False) for c in self.ssh.proxy_trusted_cidrs]
+
+
+DATABASE_URL_FILE_ENV = "RTGW_DATABASE_URL_FILE"
+DATABASE_URL_CREDENTIAL = "database-url"  # systemd LoadCredential=database-url:/path
+
+
+def database_url_from_file(env: Mapping[str, str]) -> str | None:
+    """The database URL (password included) from a file, kept out of the environment and the
+    config file: ``$RTGW_DATABASE_URL_FILE``, else the systemd credential
+    ``$CREDENTIALS_DIRECTORY/database-url`` when it exists; None when neither applies.
+    ``RTGW_DATABASE_URL`` together with ``RTGW_DATABASE_URL_FILE`` is an error; with a
+    credential, the variable wins (it is the more explicit of the two)."""
+    path_text = env.get(DATABASE_URL_FILE_ENV, "")
+    key = DATABASE_URL_FILE_ENV
+    if path_text:
+        if "RTGW_DATABASE_URL" in env:
+            raise ConfigError(key, "set either RTGW_DATABASE_URL or RTGW_DATABASE_URL_FILE")
+        path = Path(path_text)
+    elif env.get("CREDENTIALS_DIRECTORY") and "RTGW_DATABASE_URL" not in env:
+        path = Path(env["CREDENTIALS_DIRECTORY"]) / DATABASE_URL_CREDENTIAL
+        key = f"credential {DATABASE_URL_CREDENTIAL}"
+        if not path.is_file():
+            return None
+    else:
+        return None
+    try:
+        url = path.read_text("utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(key, f"cannot read {path}: {exc.strerror or exc}") from exc
+    if not url:
+        raise ConfigError(key, f"{path} is empty")
+    return url
 
 
 def parse_listen(value: str, key: str) -> tuple[str, int]:

@@ -35,6 +35,13 @@ and never reveal whether a sandbox exists to someone who has not authenticated.
 |                             | stopped/deleted/moved, or the org removed (live session) |      |
 | revocation_unverified       | revocation.mode=strict and the change listener is down: |  -   |
 |                             | new channels on live connections are refused            |      |
+| forwarding_disabled         | -A, -R or a Unix-socket forwarding switched off in      |  -   |
+|                             | [forwarding] (open failure, or one stderr line)         |      |
+| x11_refused                 | ssh -X/-Y: X11 is never relayed (one stderr line)       |  -   |
+| too_many_remote_forwards    | forwarding.max_remote_per_connection listeners held     |  -   |
+| env_too_large               | the session's environment (ssh SendEnv/SetEnv) is over  | 255  |
+|                             | 128 variables or 128 KiB; up to that it passes whole    |      |
+| unknown_subsystem           | the sandbox's sshd has no such subsystem                | 255  |
 | buffer_budget_exhausted     | ssh.max_buffered_bytes reserved by open channels; a new | 255  |
 |                             | session (or forwarding channel: open failure) refused   |      |
 
@@ -80,7 +87,7 @@ class Reason:
 
 KEY_NOT_REGISTERED = Reason(
     "key_not_registered",
-    "none of the keys offered so far is registered for this sandbox's organization.\n"
+    "none of the keys you offered is registered for this sandbox's organization.\n"
     "If your login is refused: check the sandbox id, then register your public key with\n"
     "  {hint}\nand connect again.",
 )
@@ -172,10 +179,31 @@ REVOCATION_UNVERIFIED = Reason(
     "the gateway cannot confirm right now that your key is still valid, so it opens no new "
     "session on this connection. Reconnect in a minute (connection id {conn_id}).",
 )
+ENV_TOO_LARGE = Reason(
+    "env_too_large",
+    "the session's environment is too large ({detail}), so the gateway refused the session. "
+    "Send fewer or smaller variables (ssh SendEnv/SetEnv).",
+)
+UNKNOWN_SUBSYSTEM = Reason(
+    "unknown_subsystem",
+    "the sandbox has no '{name}' subsystem (its sshd refused the request).",
+)
 BUFFER_BUDGET_EXHAUSTED = Reason(
     "buffer_budget_exhausted",
     "the gateway is relaying as much data as it can hold right now, so it opened no new "
     "{what}. Try again in a minute.",
+)
+FORWARDING_DISABLED = Reason(
+    "forwarding_disabled",
+    "{what} is turned off on this gateway, so it was refused.",
+)
+X11_REFUSED = Reason(
+    "x11_refused",
+    "X11 forwarding is not available through this gateway; the session goes on without it.",
+)
+TOO_MANY_REMOTE_FORWARDS = Reason(
+    "too_many_remote_forwards",
+    "this connection already holds {limit} remote forwardings (ssh -R); cancel one first.",
 )
 
 # What ended access (keystore/access.py reasons) -> (what happened, what to do next).

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 
 INTEGRATION = Path(__file__).resolve().parent / "integration"
+COMPAT = Path(__file__).resolve().parent / "compat"  # real clients: integration too
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest's own hook deselects by -m
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if item.path.is_relative_to(INTEGRATION):
+        if item.path.is_relative_to(INTEGRATION) or item.path.is_relative_to(COMPAT):
             item.add_marker(pytest.mark.integration)

@@ -3,6 +3,11 @@
 Prints the newest audit events, oldest first, one line each (or one JSON object per line with
 ``--json``); ``--follow`` keeps polling for new ones until interrupted. Reason codes are the ones
 in gateway/messages.py.
+
+Rows hold client-supplied strings (subsystem names, login names, ...). Written before the gateway
+escaped them, or by something else, they are escaped again here: a control character prints as
+``\\xNN``, never raw, and a value with a space, ``=`` or ``"`` is quoted, so one event is always
+one line and a value cannot pose as another field or another event.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 from gateway.config import Config
 from keystore import audit_events, orgs
 from keystore import db as keystore_db
+from keystore.printable import escape
 
 
 def format_event(event: dict[str, Any]) -> str:
@@ -25,17 +31,26 @@ def format_event(event: dict[str, Any]) -> str:
     raw = event.get("details") or {}
     details = dict(json.loads(raw) if isinstance(raw, str) else raw)
     parts = [
-        str(when),
-        str(event["action"]),
-        str(event["result"]),
-        f"reason={event['reason']}" if event.get("reason") else "",
-        f"from={event['source_ip']}" if event.get("source_ip") else "",
-        f"org={details.pop('org')}" if details.get("org") else "",
-        f"target={event['target']}" if event.get("target") else "",
-        f"actor={event['actor']}" if event.get("actor") else "",
+        _value(when),
+        _value(event["action"]),
+        _value(event["result"]),
+        f"reason={_value(event['reason'])}" if event.get("reason") else "",
+        f"from={_value(event['source_ip'])}" if event.get("source_ip") else "",
+        f"org={_value(details.pop('org'))}" if details.get("org") else "",
+        f"target={_value(event['target'])}" if event.get("target") else "",
+        f"actor={_value(event['actor'])}" if event.get("actor") else "",
     ]
-    parts += [f"{k}={v}" for k, v in details.items() if v is not None]
+    parts += [f"{_value(k)}={_value(v)}" for k, v in details.items() if v is not None]
     return " ".join(p for p in parts if p)
+
+
+def _value(value: Any) -> str:
+    """One value on the line: control characters escaped, quoted when it has a space, ``=``
+    or ``"`` in it (or is empty)."""
+    text = escape(value if isinstance(value, str) else str(value))
+    if not text or any(c.isspace() or c in '="' for c in text):
+        return '"' + text.replace('"', '\\"') + '"'
+    return text
 
 
 def _jsonable(event: dict[str, Any]) -> str:

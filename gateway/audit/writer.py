@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 from collections.abc import Sequence
 
 import structlog
@@ -28,8 +29,24 @@ from keystore import db as keystore_db
 from keystore.audit_events import AuditEvent
 from keystore.db import Executor
 from keystore.errors import Unavailable
+from keystore.printable import scrub
 
 log = structlog.get_logger("gateway.audit.writer")
+
+
+def sanitized(event: AuditEvent) -> AuditEvent:
+    """``event`` with its client-suppliable strings (actor, target, reason and every string in
+    details) redacted, escaped and capped (keystore/printable.py); the same event when
+    there was nothing to change."""
+    clean = {
+        "actor": scrub(event.actor),
+        "target": scrub(event.target),
+        "reason": scrub(event.reason),
+        "details": scrub(event.details),
+    }
+    if all(clean[name] == getattr(event, name) for name in clean):
+        return event
+    return dataclasses.replace(event, **clean)
 
 
 class AuditWriter:
@@ -66,6 +83,7 @@ class AuditWriter:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     def record(self, event: AuditEvent) -> None:
+        event = sanitized(event)
         self._queue.append(event)
         self._trim()
         log.info(

@@ -1,7 +1,8 @@
 """``/healthz``, ``/readyz`` and ``/metrics`` as aiohttp routes.
 
-They are handed to the key API as ``extra_routes`` (one HTTP listener), or served by a small
-listener of their own when ``metrics.listen`` is set or the API is off.
+They are served by a small listener of their own, the ops listener (``metrics.listen``, loopback
+``127.0.0.1:9122`` by default), never on the public API port unless asked for: with
+``metrics.listen = ""`` they are handed to the key API as ``extra_routes`` instead.
 
 - ``/healthz``: 200 while the process runs its event loop.
 - ``/readyz``: 200 only when the database answers ``SELECT 1`` within 2 s, the SSH listener is
@@ -73,7 +74,7 @@ def routes(probe: Probe) -> list[web.RouteDef]:
 
 
 class HealthServer:
-    """The small listener used when the key API does not carry the routes."""
+    """The ops listener (``metrics.listen``): these routes only, no access log."""
 
     def __init__(self, runner: web.AppRunner, port: int) -> None:
         self._runner = runner

@@ -38,7 +38,7 @@ from gateway.ssh.proxy_protocol import Listener, ProxySettings
 from gateway.ssh.revocation import Revocation
 from gateway.ssh.runtime import Runtime
 from gateway.ssh.runtime import configure as runtime_configure
-from gateway.ssh.server import GatewayConnection
+from gateway.ssh.server import GatewayConnection, admission_gate
 from gateway.upstream import connect as upstream
 from gateway.upstream.pool import PoolLimits, UpstreamPool
 from keystore import db as keystore_db
@@ -67,6 +67,9 @@ async def open_database(config: Config, wait_seconds: float = 30.0) -> keystore_
             await asyncio.sleep(1.0)
 
 
+SERVER_VERSION = "OpenSSH_9.2p1 runtools-gateway"
+
+
 def server_options(config: Config, host_keys: list[asyncssh.SSHKey]) -> dict[str, object]:
     """SSHServerConnectionOptions: given to listen() and again to update() on reload."""
     return {
@@ -76,14 +79,25 @@ def server_options(config: Config, host_keys: list[asyncssh.SSHKey]) -> dict[str
         "keepalive_interval": config.ssh.keepalive_interval_seconds,
         "keepalive_count_max": config.ssh.keepalive_count_max,
         "password_auth": False,
-        "kbdint_auth": False,
+        # Offered only to show the registration hint after every key was refused
+        # (GatewayConnection.kbdint_auth_supported); it never accepts anyone.
+        "kbdint_auth": True,
         "public_key_auth": True,
-        "agent_forwarding": False,
+        # Always on: a socket per connection that asks (-A); whether it is used, or refused
+        # with a message, is decided per session by [forwarding] agent (gateway/ssh/channels.py).
+        "agent_forwarding": True,
         "x11_forwarding": False,
         "allow_pty": True,
         "line_editor": False,
         "encoding": None,
         **algorithms.common_options(),
+        "compression_algs": algorithms.server_compression_algs(),
+        # Sent as "SSH-2.0-OpenSSH_9.2p1 runtools-gateway". Clients decide SFTP conventions by
+        # the server's version string: asyncssh, libssh and WinSCP swap SSH_FXP_SYMLINK's
+        # arguments only for "OpenSSH" (whose sftp-server has them reversed), and the SFTP
+        # server behind the gateway is the sandbox's OpenSSH. Announcing asyncssh made their
+        # symlinks point backwards.
+        "server_version": SERVER_VERSION,
     }
 
 
@@ -188,6 +202,7 @@ class Gateway:
             sock=sock,
             reuse_port=self.worker_index is not None,
             on_outcome=lambda outcome: metrics.PROXY_HEADERS.labels(outcome).inc(),
+            gate=admission_gate(rt),
         )
         self._acceptor = await asyncssh.listen(
             host,
@@ -223,6 +238,7 @@ class Gateway:
             host, port = parse_listen(config.metrics.listen, "metrics.listen")
             self._http = await health.HealthServer.start(self, host, port)
             self.http_port = self._http.port
+            log.info("ops_listening", ops=f"{host}:{self.http_port}")
             routes = []  # the key API (below) is still served, without them
         if not config.api.enabled:
             if routes:

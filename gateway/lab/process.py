@@ -56,7 +56,10 @@ class GatewayProcess:
     """``python -m gateway serve`` with its own state dir and log file.
 
     :param env_extra: ``RTGW_*`` (or any) variables set on top of the defaults of :meth:`env`.
-    :param ssh_port: / :param api_port: 0 picks a free port at ``start()``.
+    :param ssh_port: / :param api_port: / :param metrics_port: 0 picks a free port at
+        ``start()``. ``metrics_port`` is the ops listener (/metrics, /healthz, /readyz,
+        ``RTGW_METRICS_LISTEN``); with ``RTGW_METRICS_LISTEN`` in ``env_extra`` it is the port
+        given there (the API port for "").
     :param config_file: passed as ``--config``.
     :param argv_prefix: run the gateway through this command (e.g. a socket-activation shim).
     :param pass_fds: file descriptors the subprocess inherits.
@@ -67,6 +70,7 @@ class GatewayProcess:
     env_extra: dict[str, str] = field(default_factory=dict)
     ssh_port: int = 0
     api_port: int = 0
+    metrics_port: int = 0
     config_file: Path | None = None
     argv_prefix: list[str] = field(default_factory=list)
     pass_fds: tuple[int, ...] = ()
@@ -89,6 +93,7 @@ class GatewayProcess:
             RTGW_DATABASE_URL=self.database_url,
             RTGW_SSH_LISTEN=f"127.0.0.1:{self.ssh_port}",
             RTGW_API_LISTEN=f"127.0.0.1:{self.api_port}",
+            RTGW_METRICS_LISTEN=f"127.0.0.1:{self.metrics_port}",
             RTGW_STATE_DIR=str(self.state_dir),
             RTGW_LOG_LEVEL="debug",
             RTGW_UPSTREAM_CONNECT_TIMEOUT_SECONDS="3",
@@ -112,6 +117,13 @@ class GatewayProcess:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.ssh_port = self.ssh_port or free_port()
         self.api_port = self.api_port or free_port()
+        listen = self.env_extra.get("RTGW_METRICS_LISTEN")
+        if listen is None:
+            self.metrics_port = self.metrics_port or free_port()
+        elif listen == "":
+            self.metrics_port = self.api_port  # served on the API listener
+        else:
+            self.metrics_port = int(listen.rpartition(":")[2])
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 self.argv(),

@@ -1,4 +1,5 @@
-"""Forwarding channels tunnelled through the sandbox (``ssh -L``, ``-D``, ``-W``).
+"""Forwarding channels tunnelled through the sandbox (``ssh -L``, ``-D``, ``-W``, Unix-socket
+``-L``) and back from it (``ssh -R`` TCP and Unix sockets, ``back_to_client``).
 
 The TCP connection is opened *from inside the sandbox* over the upstream SSH connection, and
 bytes flow between the two channels with asyncssh's own ``SSHForwarder`` pair. ``TunnelEnd``
@@ -11,7 +12,8 @@ over budget, the channel open fails with ``buffer_budget_exhausted``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 import asyncssh
@@ -21,11 +23,41 @@ from gateway import messages
 from gateway.relay import budget
 
 
-class TunnelEnd(SSHForwarder):
-    def __init__(
-        self, peer: SSHForwarder, on_close: Callable[[], None], hold: budget.Hold | None = None
-    ) -> None:
+@dataclass(slots=True)
+class Bytes:
+    """Bytes a forwarding channel carried: ``up`` client -> sandbox, ``down`` back."""
+
+    up: int = 0
+    down: int = 0
+
+
+class _Counting(SSHForwarder):
+    """An SSHForwarder that adds what it receives to ``count`` (``up`` or ``down``)."""
+
+    def __init__(self, peer: SSHForwarder | None, count: Bytes, way: str) -> None:
         super().__init__(peer)
+        self.count = count
+        self._way = way
+
+    def data_received(self, data: bytes, datatype: asyncssh.DataType = None) -> None:
+        setattr(self.count, self._way, getattr(self.count, self._way) + len(data))
+        super().data_received(data, datatype)
+
+
+def _sandbox_facing(count: Bytes) -> Callable[[], SSHForwarder]:
+    return lambda: _Counting(None, count, "down")
+
+
+class TunnelEnd(_Counting):
+    def __init__(
+        self,
+        peer: SSHForwarder,
+        on_close: Callable[[], None],
+        hold: budget.Hold | None = None,
+        count: Bytes | None = None,
+        way: str = "up",
+    ) -> None:
+        super().__init__(peer, count if count is not None else Bytes(), way)
         self._on_close: Callable[[], None] | None = on_close
         self._hold = hold
         if hold is not None:
@@ -58,10 +90,57 @@ async def open_tunnel(
             asyncssh.OPEN_RESOURCE_SHORTAGE,
             messages.BUFFER_BUDGET_EXHAUSTED.render(what="forwarding channel"),
         )
-    factory = cast(Any, SSHForwarder)
+    count = Bytes()
+    factory = cast(Any, _sandbox_facing(count))
     try:
         _, peer = await upstream.create_connection(factory, dest_host, dest_port)
     except BaseException:
         hold.release()
         raise
-    return TunnelEnd(cast(SSHForwarder, peer), on_close, hold)
+    return TunnelEnd(cast(SSHForwarder, peer), on_close, hold, count)
+
+
+async def open_unix_tunnel(
+    upstream: asyncssh.SSHClientConnection, dest_path: str, on_close: Callable[[], None]
+) -> TunnelEnd:
+    """``ssh -L /local.sock:/remote.sock``: connect to ``dest_path`` inside the sandbox."""
+    hold = _reserve()
+    count = Bytes()
+    try:
+        _, peer = await upstream.create_unix_connection(
+            cast(Any, _sandbox_facing(count)), dest_path
+        )
+    except BaseException:
+        hold.release()
+        raise
+    return TunnelEnd(cast(SSHForwarder, peer), on_close, hold, count)
+
+
+def _reserve() -> budget.Hold:
+    hold = budget.BUFFERS.reserve(budget.relay_cost(), "forward")
+    if hold is None:
+        raise asyncssh.ChannelOpenError(
+            asyncssh.OPEN_RESOURCE_SHORTAGE,
+            messages.BUFFER_BUDGET_EXHAUSTED.render(what="forwarding channel"),
+        )
+    return hold
+
+
+async def back_to_client(
+    open_on_client: Callable[[Callable[[], SSHForwarder]], Awaitable[tuple[Any, Any]]],
+    on_close: Callable[[Bytes], None],
+) -> SSHForwarder:
+    """A connection the sandbox made to a remote forwarding (``ssh -R``): open the matching
+    channel back to the client (``open_on_client(factory)``, a ``forwarded-tcpip`` or
+    ``forwarded-streamlocal`` open on the client connection) and return the sandbox-facing
+    end. ``on_close(bytes)`` runs once when it ends; ``up`` counts client -> sandbox."""
+    hold = _reserve()
+    count = Bytes()
+    try:
+        _, client_end = await open_on_client(lambda: _Counting(None, count, "up"))
+    except BaseException:
+        hold.release()
+        raise
+    return TunnelEnd(
+        cast(SSHForwarder, client_end), lambda: on_close(count), hold, count, way="down"
+    )

@@ -32,9 +32,15 @@ from gateway.relay import budget
 # product words its errors; the SSH door (gateway/ssh/channels.py) hands this in.
 Describe = Callable[[str, str | None], str]
 
-# OpenSSH's sshd accepts at most this many environment variables per session.
+# The documented bound on a session's environment (README, "Works with"): every variable up to
+# it is passed to the sandbox whole; a session that asks for more is refused with one stderr
+# line (env_too_large), never silently cut. 128 variables is what the sandbox's sshd keeps;
+# the byte bound (names + values) stays well under the 256 KiB packet asyncssh accepts.
 MAX_ENV_VARS = 128
-MAX_ENV_BYTES = 32 * 1024
+MAX_ENV_BYTES = 128 * 1024
+
+# A request replayed on the upstream channel once it exists, in the order the client sent it.
+Early = Callable[[asyncssh.SSHClientChannel[bytes]], None]
 
 
 @dataclass(slots=True)
@@ -54,16 +60,19 @@ class SessionSummary:
         return time.monotonic() - self.started_at
 
 
+def env_problem(env: Mapping[bytes, bytes]) -> str | None:
+    """Why ``env`` is over the bound (for the user), or None: then it is passed on whole."""
+    total = sum(len(key) + len(value) for key, value in env.items())
+    if len(env) > MAX_ENV_VARS:
+        return f"{len(env)} variables, at most {MAX_ENV_VARS} pass"
+    if total > MAX_ENV_BYTES:
+        return f"{total} bytes, at most {MAX_ENV_BYTES} pass"
+    return None
+
+
 def filtered_env(env: Any) -> dict[bytes, bytes]:
-    """At most MAX_ENV_VARS variables and MAX_ENV_BYTES in all, like sshd."""
-    out: dict[bytes, bytes] = {}
-    total = 0
-    for key, value in env.items():
-        total += len(key) + len(value)
-        if len(out) >= MAX_ENV_VARS or total > MAX_ENV_BYTES:
-            break
-        out[key] = value
-    return out
+    """The environment to send upstream: all of it (``env_problem`` refuses what is over)."""
+    return dict(env)
 
 
 class SandboxSide(asyncssh.SSHClientSession[bytes]):
@@ -119,8 +128,9 @@ class ClientSide(asyncssh.SSHServerSession[bytes]):
         self._on_end = on_end
         self._chan: asyncssh.SSHServerChannel[bytes] | None = None
         self._up_chan: asyncssh.SSHClientChannel[bytes] | None = None
-        self._pending: list[tuple[bytes, asyncssh.DataType]] = []
-        self._pending_eof = False
+        # Data, EOF, window changes, signals and breaks that arrived before the upstream
+        # channel existed, replayed on it in order.
+        self._early: list[Early] = []
         # True while the upstream channel's send buffer is over its high-water mark: the
         # client's channel must stay paused whatever else would resume it.
         self._upstream_full = False
@@ -175,6 +185,12 @@ class ClientSide(asyncssh.SSHServerSession[bytes]):
             self._fail(messages.BUFFER_BUDGET_EXHAUSTED.render(what="session"), code)
             return
         self._hold.tie_to(self)
+        problem = env_problem(self._chan.get_environment_bytes()) if self._chan else None
+        if problem is not None:
+            code = messages.ENV_TOO_LARGE.code
+            self._log.warning("session_refused", reason=code, detail=problem)
+            self._fail(messages.ENV_TOO_LARGE.render(detail=problem), code)
+            return
         self._task = asyncio.get_running_loop().create_task(self._open_upstream())
 
     def data_received(self, data: bytes, datatype: asyncssh.DataType) -> None:
@@ -183,7 +199,7 @@ class ClientSide(asyncssh.SSHServerSession[bytes]):
             # asyncssh resumes reading by itself once exec/shell/subsystem is accepted, before
             # the upstream channel exists: hold at most this packet, leave the rest unread
             # (the SSH window then pushes back on the client).
-            self._pending.append((data, datatype))
+            self._early.append(lambda up: up.write(data, datatype))
             if self._chan is not None:
                 self._chan.pause_reading()
         else:
@@ -191,7 +207,7 @@ class ClientSide(asyncssh.SSHServerSession[bytes]):
 
     def eof_received(self) -> bool:
         if self._up_chan is None:
-            self._pending_eof = True
+            self._early.append(lambda up: up.write_eof())
         else:
             self._up_chan.write_eof()
         return True  # half-close: the sandbox may still answer
@@ -201,16 +217,23 @@ class ClientSide(asyncssh.SSHServerSession[bytes]):
             self._pty = (self._pty[0], (width, height, pixwidth, pixheight), self._pty[2])
         if self._up_chan is not None:
             self._up_chan.change_terminal_size(width, height, pixwidth, pixheight)
+        else:  # the pty request upstream may already be on its way with the old size
+            self._early.append(
+                lambda up: up.change_terminal_size(width, height, pixwidth, pixheight)
+            )
 
     def break_received(self, msec: int) -> bool:
         if self._up_chan is None:
-            return False
-        self._up_chan.send_break(msec)
+            self._early.append(lambda up: up.send_break(msec))
+        else:
+            self._up_chan.send_break(msec)
         return True
 
     def signal_received(self, signal: str) -> None:
         if self._up_chan is not None:
             self._up_chan.send_signal(signal)
+        else:
+            self._early.append(lambda up: up.send_signal(signal))
 
     def pause_writing(self) -> None:
         if self._up_chan is not None:
@@ -321,6 +344,11 @@ class ClientSide(asyncssh.SSHServerSession[bytes]):
             self._fail_code(exc.reason_code, exc.detail)
             return
         except asyncssh.ChannelOpenError as exc:
+            if self._subsystem is not None and exc.code == asyncssh.OPEN_REQUEST_SESSION_FAILED:
+                # The channel opened; the sandbox's sshd has no such subsystem.
+                code = messages.UNKNOWN_SUBSYSTEM.code
+                self._fail(messages.UNKNOWN_SUBSYSTEM.render(name=self._subsystem[:64]), code)
+                return
             self._fail_code(messages.UPSTREAM_REFUSED.code, exc.reason)
             return
         except (OSError, asyncssh.Error) as exc:
@@ -331,11 +359,9 @@ class ClientSide(asyncssh.SSHServerSession[bytes]):
             up_chan.close()
             return
         self._up_chan = up_chan
-        for data, datatype in self._pending:
-            up_chan.write(data, datatype)
-        self._pending.clear()
-        if self._pending_eof:
-            up_chan.write_eof()
+        early, self._early = self._early, []
+        for request in early:
+            request(up_chan)
         if not self._upstream_full:  # flushing _pending may already have filled the upstream
             chan.resume_reading()
 

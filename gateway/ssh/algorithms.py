@@ -1,6 +1,10 @@
 """The algorithm lists offered on both legs: modern only, AES-GCM first (cheapest for asyncssh).
 
 asyncssh's defaults still include group14-sha1, hmac-sha1, ssh-rsa and zlib; we list ours.
+The kex list is OpenSSH 9.x sshd's default set (mlkem first, as OpenSSH 10), minus what this
+asyncssh build lacks (sntrup761 needs liboqs): ``_available`` drops those. The client-facing
+leg also offers ``zlib@openssh.com`` (delayed compression, as sshd) so ``ssh -C`` gets it;
+the upstream leg compresses nothing.
 ``kex-strict-s/c-v00@openssh.com`` (Terrapin countermeasure) is added by asyncssh itself.
 """
 
@@ -17,7 +21,13 @@ _WANTED_KEX = (
     "ecdh-sha2-nistp256",
     "ecdh-sha2-nistp384",
     "ecdh-sha2-nistp521",
+    "diffie-hellman-group-exchange-sha256",
+    "diffie-hellman-group16-sha512",
+    "diffie-hellman-group18-sha512",
+    "diffie-hellman-group14-sha256",
 )
+# The client chooses (RFC 4253 7.1): OpenSSH's ssh asks for zlib@openssh.com only with -C.
+SERVER_COMPRESSION = ("none", "zlib@openssh.com")
 _WANTED_CIPHERS = (
     "aes128-gcm@openssh.com",
     "aes256-gcm@openssh.com",
@@ -66,6 +76,10 @@ def mac_algs() -> list[str]:
 
 def signature_algs() -> list[str]:
     return _available(_WANTED_SIGS, asyncssh.public_key.get_public_key_algs())
+
+
+def server_compression_algs() -> list[str]:
+    return _available(SERVER_COMPRESSION, asyncssh.compression.get_compression_algs())
 
 
 def common_options() -> dict[str, object]:

@@ -38,11 +38,13 @@ from structlog.typing import FilteringBoundLogger
 from gateway import messages
 from gateway.daemon import metrics
 from gateway.errors import UpstreamError
-from gateway.relay.forward import TunnelEnd, open_tunnel
+from gateway.relay.forward import Bytes, TunnelEnd, back_to_client, open_tunnel, open_unix_tunnel
 from gateway.relay.session import ClientSide, SessionSummary
-from gateway.ssh import quotas
+from gateway.ssh import forwarding, quotas
 from gateway.ssh.auth import Accept
 from gateway.ssh.runtime import Runtime
+from gateway.upstream import connect as upstream_connect
+from gateway.upstream.dedicated import Dedicated
 from gateway.upstream.pool import Lease, LeaseBook
 from gateway.upstream.target import Target
 from keystore.audit_events import AuditEvent
@@ -104,6 +106,11 @@ class AuditedSession(ClientSide):
     def upstream_closed(self, exc: Exception | None) -> None:
         super().upstream_closed(exc)
         self._owner.upstream_channel_closed(self)  # the sandbox's channel is gone: free its slot
+
+    def agent_path(self) -> str | None:
+        """The gateway's socket for this client's agent, once the client asked for it (-A)."""
+        chan = self._user_chan
+        return chan.get_agent_path() if chan is not None else None
 
     def notice(self, text: str) -> None:
         """One stderr line; the session goes on (e.g. drain has begun)."""
@@ -229,6 +236,12 @@ class Channels:
         self._opening: set[asyncio.Task[Any]] = set()  # forwarding channels being opened
         self._refusing = 0  # RefusedSessions still open
         self._seq = 0
+        # Agent and remote forwardings: an upstream connection of this client's own
+        # (gateway/upstream/dedicated.py); opened by the first channel that needs it.
+        self._dedicated = Dedicated(self._open_dedicated)
+        self._remote: set[forwarding.RemoteListener] = set()
+        self._client_conn: asyncssh.SSHServerConnection | None = None
+        self._agent_refused_told = False
 
     @property
     def session_count(self) -> int:
@@ -351,6 +364,27 @@ class Channels:
         self._refusing -= 1
 
     async def _session_upstream(self, session: AuditedSession) -> asyncssh.SSHClientConnection:
+        agent_path = session.agent_path()
+        for _ in range(10):
+            # asyncssh answers the client's auth-agent-req in a task of its own (it creates
+            # the gateway-side socket): a few loop turns after the exec/shell request.
+            if agent_path is not None:
+                break
+            await asyncio.sleep(0)
+            agent_path = session.agent_path()
+        if agent_path is not None:
+            if self._rt.config.forwarding.agent:
+                # The sandbox's agent requests come back on the upstream connection: only one
+                # of this client's own may carry them.
+                await self._admit_now()
+                try:
+                    conn = await self._dedicated.get(agent_path)
+                except UpstreamError as exc:
+                    self._log.warning("upstream_failed", reason=exc.reason_code, error=exc.detail)
+                    raise
+                self._log.info("agent_forwarding", dedicated=True)
+                return conn
+            session.notice(messages.FORWARDING_DISABLED.render(what="Agent forwarding (ssh -A)"))
         lease = await self._lease(session)
         # The relay only calls create_session on it (gateway/relay/session.py).
         return cast(asyncssh.SSHClientConnection, _SessionUpstream(self, session, lease))
@@ -418,19 +452,34 @@ class Channels:
             raise asyncssh.ChannelOpenError(
                 asyncssh.OPEN_RESOURCE_SHORTAGE, self._quota_text(refusal)
             )
-        self._log.info("direct_tcpip", dest=f"{dest_host}:{dest_port}")
+        dest = forwarding.printable_dest(f"{dest_host}:{dest_port}")
+        self._log.info("direct_tcpip", dest=dest)
         holder = object()
         self._forwards.add(holder)
-        return self._through_sandbox(holder, dest_host, dest_port)
+        return self._through_sandbox(
+            holder,
+            "direct-tcpip",
+            dest,
+            lambda up, closed: open_tunnel(up, dest_host, dest_port, closed),
+        )
 
-    async def _through_sandbox(self, holder: object, dest_host: str, dest_port: int) -> TunnelEnd:
+    async def _through_sandbox(
+        self,
+        holder: object,
+        kind: str,
+        dest: str,
+        opener: Callable[[asyncssh.SSHClientConnection, Callable[[], None]], Awaitable[TunnelEnd]],
+    ) -> TunnelEnd:
         # Whatever fails here fails this channel only, with the reason in the open-failure
         # text (ssh prints it), never the client's whole connection.
-        gauge = metrics.CHANNELS_ACTIVE.labels("direct-tcpip")
+        gauge = metrics.CHANNELS_ACTIVE.labels(kind)
+        ends: list[TunnelEnd] = []
 
         def closed() -> None:
             gauge.dec()
             self._forward_ended(holder)
+            if ends:
+                self._forward_audit(kind, dest, ends[0].count)
 
         try:
             lease = await self._cancellable(self._lease(holder))
@@ -447,9 +496,7 @@ class Channels:
         # tunnel's open and asyncssh handing it the client's channel, or the sandbox's first
         # bytes (an sshd's banner for ssh -W) would reach an end with nowhere to write them.
         try:
-            end = await open_tunnel(
-                cast(asyncssh.SSHClientConnection, lease.conn), dest_host, dest_port, closed
-            )
+            end = await opener(cast(asyncssh.SSHClientConnection, lease.conn), closed)
         except asyncssh.ChannelOpenError:
             self._forward_ended(holder)
             raise
@@ -467,6 +514,8 @@ class Channels:
             self._forward_ended(holder)
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, _CLIENT_GONE)
         gauge.inc()
+        ends.append(end)
+        self._rt.audit.record(self._event("ssh.forward.open", "ok", None, kind=kind, dest=dest))
         return end
 
     async def _cancellable(self, step: Awaitable[T]) -> T:
@@ -480,6 +529,180 @@ class Channels:
         finally:
             if task is not None:
                 self._opening.discard(task)
+
+    # --- Unix-socket and remote forwardings (gateway/ssh/forwarding.py) ---
+
+    def bind_client(self, conn: asyncssh.SSHServerConnection) -> None:
+        self._client_conn = conn
+
+    async def _admit_now(self) -> None:
+        sandbox = self._accepted.sandbox
+        if self._admit is not None:
+            await self._admit()
+        elif sandbox.status != "running":
+            raise UpstreamError(messages.SANDBOX_STOPPED.code, f"sandbox status {sandbox.status}")
+
+    async def _open_dedicated(self, agent_path: str | None) -> asyncssh.SSHClientConnection:
+        rt = self._rt
+        t0 = time.perf_counter()
+        conn = await upstream_connect.connect(
+            self.target,
+            client_key=rt.upstream_key,
+            config=rt.config.upstream,
+            agent_path=agent_path,
+        )
+        metrics.UPSTREAM_CONNECT.labels("ok").observe(time.perf_counter() - t0)
+        self._log.info("upstream_dedicated_open", seconds=round(time.perf_counter() - t0, 4))
+        return conn
+
+    def open_direct_streamlocal(self, dest_path: str) -> Awaitable[TunnelEnd] | None:
+        """``ssh -L /local.sock:/remote.sock``: the Unix socket is reached inside the sandbox."""
+        if self._rt.draining:
+            return None
+        if not self._rt.config.forwarding.streamlocal:
+            self._log.warning("forward_refused", kind="direct-streamlocal", reason="disabled")
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED,
+                messages.FORWARDING_DISABLED.render(what="Unix-socket forwarding"),
+            )
+        refusal = self._check("forward")
+        if refusal is not None:
+            raise asyncssh.ChannelOpenError(
+                asyncssh.OPEN_RESOURCE_SHORTAGE, self._quota_text(refusal)
+            )
+        dest = forwarding.printable_dest(dest_path)
+        self._log.info("direct_streamlocal", dest=dest)
+        holder = object()
+        self._forwards.add(holder)
+        return self._through_sandbox(
+            holder,
+            "direct-streamlocal",
+            dest,
+            lambda up, closed: open_unix_tunnel(up, dest_path, closed),
+        )
+
+    def open_remote(self, listen_host: str, listen_port: int) -> Awaitable[object] | bool:
+        """``ssh -R [host:]port:...``: a listener inside the sandbox, on this client's own
+        upstream connection; each connection to it comes back to this client only."""
+        what = f"{listen_host}:{listen_port}"
+        refused = self._remote_refusal(
+            self._rt.config.forwarding.remote, "Remote port forwarding (ssh -R)", what
+        )
+        if refused:
+            return False
+        return self._listen(what, "remote-tcpip", listen_host, listen_port, None)
+
+    def open_remote_unix(self, listen_path: str) -> Awaitable[object] | bool:
+        """``ssh -R /remote.sock:...``: a Unix-socket listener inside the sandbox."""
+        refused = self._remote_refusal(
+            self._rt.config.forwarding.streamlocal, "Unix-socket forwarding", listen_path
+        )
+        if refused:
+            return False
+        return self._listen(listen_path, "remote-streamlocal", "", 0, listen_path)
+
+    def _remote_refusal(self, enabled: bool, what: str, listen: str) -> bool:
+        if self._rt.draining:
+            return True
+        text = None
+        if not enabled:
+            text = messages.FORWARDING_DISABLED.render(what=what)
+            reason = messages.FORWARDING_DISABLED.code
+        elif len(self._remote) >= self._rt.config.forwarding.max_remote_per_connection:
+            limit = self._rt.config.forwarding.max_remote_per_connection
+            text = messages.TOO_MANY_REMOTE_FORWARDS.render(limit=limit)
+            reason = messages.TOO_MANY_REMOTE_FORWARDS.code
+        if text is None:
+            return False
+        self._log.warning(
+            "forward_refused",
+            kind="remote",
+            listen=forwarding.printable_dest(listen),
+            reason=reason,
+        )
+        metrics.QUOTA_REFUSALS.labels(reason).inc()
+        self.notify_sessions(text)
+        return True
+
+    async def _listen(self, what: str, kind: str, host: str, port: int, path: str | None) -> object:
+        client = self._client_conn
+        if client is None:
+            return False
+        try:
+            await self._admit_now()
+            up = await self._dedicated.get()
+        except (UpstreamError, asyncssh.Error, OSError) as exc:
+            self._log.warning("forward_refused", kind=kind, reason="upstream", error=str(exc))
+            return False
+        dest = forwarding.printable_dest(what)
+        listener = forwarding.RemoteListener(dest, on_close=self._remote_closed)
+
+        def back(orig_host: str = "", orig_port: int = 0) -> Awaitable[Any]:
+            return self._back_to_client(
+                client, kind, dest, host, listener.port, path, orig_host, orig_port
+            )
+
+        try:
+            if path is None:
+                inner: Any = await up.create_server(cast(Any, back), host, port)
+            else:
+                inner = await up.create_unix_server(cast(Any, back), path)
+        except (asyncssh.Error, OSError) as exc:
+            self._log.warning("forward_refused", kind=kind, listen=dest, error=str(exc))
+            return False
+        listener.attach(inner, port)
+        self._remote.add(listener)
+        self._log.info("remote_forward_open", kind=kind, listen=dest, port=listener.port)
+        self._rt.audit.record(
+            self._event(
+                "ssh.forward.open", "ok", None, kind=kind, listen=dest, port=listener.port or None
+            )
+        )
+        return listener
+
+    def _remote_closed(self, listener: forwarding.RemoteListener) -> None:
+        if listener in self._remote:
+            self._remote.discard(listener)
+            self._log.info("remote_forward_closed", listen=listener.dest)
+            self._rt.audit.record(
+                self._event("ssh.forward.close", "ok", None, kind="remote", listen=listener.dest)
+            )
+
+    async def _back_to_client(
+        self,
+        client: asyncssh.SSHServerConnection,
+        kind: str,
+        dest: str,
+        host: str,
+        port: int,
+        path: str | None,
+        orig_host: str,
+        orig_port: int,
+    ) -> Any:
+        """A sandbox process connected to one of this client's remote forwardings."""
+
+        def open_on_client(factory: Callable[[], Any]) -> Awaitable[tuple[Any, Any]]:
+            if path is None:
+                return client.create_connection(factory, host, port, orig_host, orig_port)
+            return client.create_unix_connection(factory, path)
+
+        def ended(count: Bytes) -> None:
+            self._forward_audit(kind + "-connection", dest, count)
+
+        return await back_to_client(open_on_client, ended)
+
+    def _forward_audit(self, kind: str, dest: str, count: Bytes) -> None:
+        self._rt.audit.record(
+            self._event(
+                "ssh.forward.close",
+                "ok",
+                None,
+                kind=kind,
+                dest=dest,
+                bytes_up=count.up,
+                bytes_down=count.down,
+            )
+        )
 
     def _forward_ended(self, holder: object) -> None:
         self._forwards.discard(holder)
@@ -561,6 +784,9 @@ class Channels:
         """The client connection is gone: forwarding channels still being opened are
         cancelled, every lease goes back to the pool."""
         self._leases.release_all()
+        self._dedicated.close()  # its listeners in the sandbox go with it
+        for listener in list(self._remote):
+            listener.close()
         for task in list(self._opening):
             task.cancel()
         # asyncssh ended every session it had opened before it told us (connection_lost);

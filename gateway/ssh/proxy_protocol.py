@@ -21,7 +21,7 @@ import socket
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -208,6 +208,9 @@ def is_trusted(address: str | None, networks: Sequence[Network]) -> bool:
 
 ConnFactory = Callable[[str, int], Any]
 Outcome = Callable[[str], None]  # called with "proxied" | "direct" | a refusal reason
+# Called with the peer address of a new direct TCP connection; a reason code refuses it before
+# any SSH object exists (admission's cheap checks: a penalized or full source).
+Gate = Callable[[str | None], str | None]
 
 
 @dataclass(slots=True)
@@ -228,8 +231,10 @@ class Listener:
         reuse_port: bool = False,
         backlog: int = 1024,
         on_outcome: Outcome | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self.settings = settings  # replaced on reload; read per connection
+        self._gate = gate
         self._sock = sock
         self._reuse_port = reuse_port
         self._backlog = backlog
@@ -243,6 +248,8 @@ class Listener:
 
         def factory() -> asyncio.BaseProtocol:
             if self.settings.mode == "off":
+                if self._gate is not None:
+                    return _Gate(self._gate, conn_factory)
                 protocol: asyncio.BaseProtocol = conn_factory("", 0)
                 return protocol
             return _HeaderReader(self.settings, conn_factory, self._on_outcome)
@@ -259,6 +266,28 @@ class Listener:
                 reuse_port=self._reuse_port or None,
             )
         return self.server
+
+
+class _Gate(asyncio.Protocol):
+    """Refuses a connection from a source admission would refuse anyway, before asyncssh builds
+    a connection for it (a flood of refused connections then costs an accept and a close);
+    anyone else is handed to asyncssh's protocol, which then gets the transport directly."""
+
+    def __init__(self, gate: Gate, conn_factory: ConnFactory) -> None:
+        self._gate = gate
+        self._conn_factory = conn_factory
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        if self._gate(str(peer[0]) if peer else None) is not None:
+            cast(asyncio.Transport, transport).abort()
+            return
+        protocol: asyncio.Protocol = self._conn_factory("", 0)
+        transport.set_protocol(protocol)
+        protocol.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass  # only reached for refused connections: the handed-over ones left this protocol
 
 
 class _ProxiedTransport:

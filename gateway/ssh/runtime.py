@@ -28,6 +28,8 @@ class Runtime:
     registry: Registry = field(default_factory=Registry)
     admission: Admission = field(default_factory=Admission)
     audit_limit: SourceRateLimit = field(default_factory=lambda: SourceRateLimit(30))
+    # Log lines for dropped connections: a few per source and reason a minute, not thousands.
+    drop_log_limit: SourceRateLimit = field(default_factory=lambda: SourceRateLimit(6))
     draining: bool = False
     # Warm shared upstream connections (gateway/upstream/pool.py); None only in unit tests.
     upstream_pool: UpstreamPool | None = None

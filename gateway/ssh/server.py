@@ -16,6 +16,7 @@ import contextlib
 import os
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 import asyncssh
@@ -36,6 +37,7 @@ from keystore.audit_events import AuditEvent
 from keystore.errors import Unavailable
 from keystore.keys import login_key_problem
 from keystore.models import AuthorizedKey
+from keystore.printable import printable as _printable
 
 _log = structlog.get_logger("gateway.ssh")
 _PID = os.getpid()  # workers are separate processes started by exec, never forked copies
@@ -46,8 +48,8 @@ def new_conn_id() -> str:
 
 
 def printable(text: str) -> str:
-    """A client-supplied string made safe for logs and banners: printable ASCII, <= 80 chars."""
-    return "".join(c if 32 <= ord(c) < 127 else "?" for c in text[:80])
+    """A client-supplied login name made safe for banners, logs and audit rows (<= 80 chars)."""
+    return _printable(text, limit=80)
 
 
 class GatewayConnection(asyncssh.SSHServer):
@@ -70,6 +72,7 @@ class GatewayConnection(asyncssh.SSHServer):
         self._fingerprints: list[str] = []  # the first few refused keys, for that row
         self._gateway_fault = False  # refused for a reason of ours: no penalty for the source
         self._banner_sent = False
+        self._hint_due = False  # a refused key earned the registration hint
         self._started = time.monotonic()
 
     @property
@@ -99,13 +102,17 @@ class GatewayConnection(asyncssh.SSHServer):
         if not isinstance(verdict, Ticket):
             # Too early for a DISCONNECT message (no version exchange yet): just drop it.
             reason = "gateway_draining" if verdict is None else verdict.code
-            self.log.warning(
-                "connection_dropped",
-                reason=reason,
-                source=str(verdict.source) if verdict is not None else None,
-                retry_after=verdict.retry_after if verdict is not None else None,
-            )
             metrics.CONNECTIONS.labels(reason).inc()
+            source = str(verdict.source) if verdict is not None else (self._peer or "")
+            allowed, suppressed = rt.drop_log_limit.allow(f"{source} {reason}")
+            if allowed:  # one line per source and reason at most every few seconds
+                self.log.warning(
+                    "connection_dropped",
+                    reason=reason,
+                    source=source,
+                    retry_after=verdict.retry_after if verdict is not None else None,
+                    suppressed_before=suppressed or None,
+                )
             conn.abort()
             return
         self._ticket = verdict
@@ -243,6 +250,14 @@ class GatewayConnection(asyncssh.SSHServer):
         return False
 
     def kbdint_auth_supported(self) -> bool:
+        # Offered only once a key was refused for a reason the registration hint answers: a
+        # client whose keys are all refused then tries keyboard-interactive last (OpenSSH does,
+        # outside BatchMode), and that attempt shows the hint before the final failure. A
+        # login that succeeds with a later key never sees it.
+        return self._hint_due and not self._banner_sent
+
+    def get_kbdint_challenge(self, username: str, lang: str, submethods: str) -> bool:
+        self._banner(messages.KEY_NOT_REGISTERED.render(hint=self._rt.config.ssh.register_key_hint))
         return False
 
     def auth_completed(self) -> None:
@@ -304,9 +319,7 @@ class GatewayConnection(asyncssh.SSHServer):
         self.log.debug("auth_refused", reason=decision.reason, fingerprint=fingerprint)
         metrics.AUTH.labels("refused", decision.reason).inc()
         if decision.shows_registration_hint:
-            self._banner(
-                messages.KEY_NOT_REGISTERED.render(hint=self._rt.config.ssh.register_key_hint)
-            )
+            self._hint_due = True  # shown when the client runs out of keys (kbdint_auth_supported)
 
     def _count_refusal(self, reason: str, fingerprint: str | None) -> None:
         self._refusals[reason] = self._refusals.get(reason, 0) + 1
@@ -366,6 +379,26 @@ class GatewayConnection(asyncssh.SSHServer):
             return False
         return self._channels.open_direct_tcpip(self._conn, dest_host, dest_port) or False
 
+    def unix_connection_requested(self, dest_path: str) -> Any:
+        """``ssh -L /local.sock:/remote.sock`` (direct-streamlocal@openssh.com)."""
+        if self._channels is None:
+            return False
+        return self._channels.open_direct_streamlocal(dest_path) or False
+
+    def server_requested(self, listen_host: str, listen_port: int) -> Any:
+        """``ssh -R``: a listener in the sandbox on this client's own upstream connection."""
+        if self._channels is None or self._conn is None:
+            return False
+        self._channels.bind_client(self._conn)
+        return self._channels.open_remote(listen_host, listen_port)
+
+    def unix_server_requested(self, listen_path: str) -> Any:
+        """``ssh -R /remote.sock:...`` (streamlocal-forward@openssh.com)."""
+        if self._channels is None or self._conn is None:
+            return False
+        self._channels.bind_client(self._conn)
+        return self._channels.open_remote_unix(listen_path)
+
     # --- what the daemon and the registry's users may do (registry.LiveConnection) ---
 
     def notify_sessions(self, text: str) -> None:
@@ -414,3 +447,27 @@ class GatewayConnection(asyncssh.SSHServer):
                 },
             )
         )
+
+
+def admission_gate(rt: Runtime) -> Callable[[str | None], str | None]:
+    """The listener's cheap pre-check (gateway/ssh/proxy_protocol.py ``Gate``): a source that is
+    penalized, or already holds its share of unauthenticated connections, is dropped before
+    asyncssh builds anything for it. The full decision is still ``connection_made``'s."""
+
+    def gate(peer: str | None) -> str | None:
+        admission = rt.admission
+        if rt.draining:
+            return "gateway_draining"
+        if admission.is_penalized(peer):
+            code = "source_penalized"
+        elif (
+            admission.unauthenticated_from(peer)
+            >= admission.settings.max_unauthenticated_per_source
+        ):
+            code = "too_many_unauthenticated_from_source"
+        else:
+            return None
+        metrics.CONNECTIONS.labels(code).inc()
+        return code
+
+    return gate

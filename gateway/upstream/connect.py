@@ -33,10 +33,14 @@ async def connect(
     *,
     client_key: asyncssh.SSHKey,
     config: UpstreamConfig,
+    agent_path: str | None = None,
 ) -> asyncssh.SSHClientConnection:
     """Open an authenticated connection, or raise UpstreamError with a reason code.
 
-    The connection is shared by many users' sessions (gateway/upstream/pool.py), so the error
+    With ``agent_path`` (dedicated connections only, gateway/upstream/dedicated.py) the
+    sandbox's agent requests are forwarded to that socket: the client's own agent.
+
+    A pooled connection is shared by many users' sessions (gateway/upstream/pool.py), so the error
     carries a reason code and technical detail only: the user's text is rendered from
     gateway/messages.py at the edge, by the session that failed (gateway/ssh/channels.py).
     """
@@ -50,7 +54,7 @@ async def connect(
                 client_keys=[client_key],
                 known_hosts=(trusted, [], []),
                 agent_path=None,
-                agent_forwarding=False,
+                agent_forwarding=agent_path or False,
                 preferred_auth="publickey",
                 password=None,
                 kbdint_auth=False,

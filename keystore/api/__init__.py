@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 
 import structlog
@@ -17,11 +18,45 @@ from keystore.api.limits import ApiLimits, ApiSite, LimitSettings
 from keystore.api.sessions import WorkosSettings
 from keystore.audit_events import AuditEvent
 from keystore.db import Executor
+from keystore.printable import redact
 from keystore.roles import DEFAULT_ROLES
 
 __all__ = ["ApiServer", "LimitSettings", "WorkosSettings", "create_app", "serve_api"]
 
 log = structlog.get_logger("keystore.api")
+
+
+# aiohttp's own loggers. "aiohttp.server" logs a request it could not parse at ERROR with the
+# parser's exception, which quotes the offending header line: an over-long or malformed
+# "Authorization: Bearer rt_live_..." line, secret included.
+_AIOHTTP_LOGGERS = ("aiohttp.server", "aiohttp.access", "aiohttp.web", "aiohttp.internal")
+
+
+class _NoCredentials(logging.Filter):
+    """Rewrites aiohttp's records so that no credential reaches any handler: the message is
+    formatted and redacted, and a traceback becomes one redacted line (a request that could
+    not be parsed is the client's problem, not a bug worth a traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            message = f"{message}: {type(exc).__name__}: {exc}"
+        elif record.exc_text:
+            message = f"{message}: {record.exc_text}"
+        record.msg = redact(message)
+        record.args = ()
+        record.exc_info = None
+        record.exc_text = None
+        return True
+
+
+def guard_aiohttp_logs() -> None:
+    """Install the credential filter on aiohttp's loggers (idempotent)."""
+    for name in _AIOHTTP_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoCredentials) for f in logger.filters):
+            logger.addFilter(_NoCredentials())
 
 
 class ApiServer:
@@ -67,6 +102,7 @@ async def serve_api(
     (sessions.py; none set: API keys only). The rest: per connection and per source
     (limits.py, README "Limits"). A bad value raises ``ValueError``.
     """
+    guard_aiohttp_logs()
     workos = WorkosSettings(
         jwks_url=workos_jwks_url,
         issuer=workos_issuer,

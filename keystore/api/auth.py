@@ -28,6 +28,7 @@ import datetime as dt
 import math
 import time
 from collections.abc import Iterable
+from typing import NoReturn
 
 import structlog
 from aiohttp import web
@@ -204,7 +205,9 @@ async def _check_key(
     return key
 
 
-def _session_refused(limits: ApiLimits, source: str, code: str, message: str, result: str) -> None:
+def _session_refused(
+    limits: ApiLimits, source: str, code: str, message: str, result: str
+) -> NoReturn:
     SESSION_CHECKS.labels(result).inc()
     limits.invalid_keys.spend(source)
     raise unauthorized(code, message)
@@ -226,7 +229,6 @@ async def _check_session(
             SESSION_CHECKS.labels(exc.result).inc()
             raise ApiError(exc.status, exc.code, str(exc), headers={"Retry-After": "5"}) from None
         _session_refused(limits, source, exc.code, str(exc), exc.result)
-        raise  # not reached
     if claims.workos_org_id is None:
         _session_refused(
             limits,
@@ -235,7 +237,6 @@ async def _check_session(
             "The session token names no organization: sign in to one of your organizations.",
             "unknown_organization",
         )
-    assert claims.workos_org_id is not None
     try:
         view = await members.resolve(request.app[DB_KEY], claims.workos_org_id, claims.user_id)
     except KeystoreError:
@@ -250,7 +251,6 @@ async def _check_session(
             "(runtools-gateway org update SLUG --workos-org-id ORG_ID).",
             "unknown_organization",
         )
-    assert view is not None
     if view.org.disabled_at is not None:
         _session_refused(
             limits,

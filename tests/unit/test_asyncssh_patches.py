@@ -707,3 +707,44 @@ def test_every_patch_has_a_canary() -> None:
         if f'patch_named("{p.name}")' not in source
         and f'_canary(upstream, "{p.name}"' not in source
     ] == []
+
+
+def test_canary_upstream_still_judges_a_kex_guess_by_the_negotiated_algorithm_only() -> None:
+    # RFC 4253 7.1 compares both sides' preferred kex and host-key algorithms; asyncssh
+    # compares the negotiated kex with the peer's first only (Dropbear's dbclient fails on it).
+    patch = asyncssh_patches.patch_named("guessed-kex-per-rfc4253")
+    source = inspect.getsource(patch.original("_process_kexinit"))
+    still_there = (
+        "self._ignore_first_kex = (first_kex_follows and" in source
+        and "self._kex.algorithm != peer_kex_algs[0])" in source
+        and "host_key_algs[0]" not in source
+    )
+    _canary({}, patch.name, still_there)
+
+
+def _kexinit(kex: list[bytes], host_keys: list[bytes], follows: bool) -> bytes:
+    names = [b",".join(kex), b",".join(host_keys)] + [b"none"] * 8
+    return (
+        bytes([20])
+        + b"\0" * 16
+        + b"".join(len(n).to_bytes(4, "big") + n for n in names)
+        + bytes([follows])
+        + b"\0\0\0\0"
+    )
+
+
+@pytest.mark.parametrize(
+    ("peer_kex", "peer_host_key", "follows", "wrong"),
+    [
+        (b"curve25519-sha256", b"ssh-ed25519", True, True),  # dbclient vs our mlkem-first list
+        (b"mlkem768x25519-sha256", b"ecdsa-sha2-nistp256", True, True),
+        (b"mlkem768x25519-sha256", b"ssh-ed25519", True, False),
+        (b"curve25519-sha256", b"ssh-rsa", False, False),  # no guess sent: nothing to ignore
+    ],
+)
+def test_a_kex_guess_is_wrong_when_the_preferred_algorithms_differ(
+    peer_kex: bytes, peer_host_key: bytes, follows: bool, wrong: bool
+) -> None:
+    mine = _kexinit([b"mlkem768x25519-sha256", b"curve25519-sha256"], [b"ssh-ed25519"], False)
+    peer = _kexinit([peer_kex, b"mlkem768x25519-sha256"], [peer_host_key], follows)
+    assert asyncssh_patches.guess_is_wrong(mine, peer) is wrong

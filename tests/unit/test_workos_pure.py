@@ -16,6 +16,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from gateway.config import Config
+from gateway.errors import ConfigError
 from keystore import roles, workos
 from keystore.api.sessions import (
     JwksCache,
@@ -378,8 +380,6 @@ def test_settings_need_both_the_jwks_url_and_the_issuer() -> None:
 
 
 def test_the_workos_settings_come_from_the_environment() -> None:
-    from gateway.config import Config
-
     config = Config.load(
         env={
             "RTGW_WORKOS_JWKS_URL": "https://api.workos.com/sso/jwks/client_1",
@@ -406,9 +406,6 @@ def test_the_workos_settings_come_from_the_environment() -> None:
     ],
 )
 def test_bad_workos_settings_are_refused_at_load(env: dict[str, str], key: str) -> None:
-    from gateway.config import Config
-    from gateway.errors import ConfigError
-
     with pytest.raises(ConfigError) as info:
         Config.load(env=env)
     assert info.value.key == key

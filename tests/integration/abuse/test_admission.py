@@ -87,7 +87,7 @@ def test_fifty_simultaneous_valid_logins_from_one_address_all_succeed(
 def _metrics(gw: GatewayProcess) -> str:
     import urllib.request
 
-    with urllib.request.urlopen(f"http://127.0.0.1:{gw.api_port}/metrics", timeout=5) as r:
+    with urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics", timeout=5) as r:
         return str(r.read().decode())
 
 

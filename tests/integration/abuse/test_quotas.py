@@ -46,7 +46,7 @@ def _wait(predicate: Callable[[], bool], timeout: float, interval: float = 0.05)
 
 def scrape(gw: GatewayProcess) -> dict[str, float]:
     """``/metrics`` as ``{'name{labels}': value}``."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{gw.api_port}/metrics", timeout=5) as r:
+    with urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics", timeout=5) as r:
         text = r.read().decode()
     out: dict[str, float] = {}
     for line in text.splitlines():

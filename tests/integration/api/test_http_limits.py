@@ -162,7 +162,7 @@ def random_key() -> str:
 
 
 def metric(gw: GatewayProcess, name: str, **labels: str) -> float:
-    text = fetch(gw.api_port, "127.0.0.1", "GET", "/metrics").body.decode()
+    text = fetch(gw.metrics_port, "127.0.0.1", "GET", "/metrics").body.decode()
     want = name + ("{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}" if labels else "")
     for line in text.splitlines():
         if line.startswith(want + " "):

@@ -150,7 +150,7 @@ def test_failover_keeps_live_sessions_and_new_logins_reach_the_new_primary(
         # ends its live session.
         wait_until(
             "the listener on the new primary",
-            lambda: http("GET", gw.api_port, "/readyz")[0] == 200,
+            lambda: http("GET", gw.metrics_port, "/readyz")[0] == 200,
             NEW_LOGINS_DEADLINE,
         )
         rows = sql(
@@ -250,7 +250,7 @@ def test_failover_from_a_primary_that_vanished_without_a_word(
 
             wait_until(
                 "the listener on the new primary",
-                lambda: http("GET", gw.api_port, "/readyz")[0] == 200,
+                lambda: http("GET", gw.metrics_port, "/readyz")[0] == 200,
                 NEW_LOGINS_DEADLINE,
             )
             rows = sql(

@@ -56,13 +56,13 @@ def admin(database_url: str) -> Iterator[HeldConnection]:
 
 
 def readyz(gw: GatewayProcess) -> tuple[int, dict[str, object]]:
-    status, body = http("GET", gw.api_port, "/readyz")
+    status, body = http("GET", gw.metrics_port, "/readyz")
     assert isinstance(body, dict), body
     return status, body
 
 
 def metrics(gw: GatewayProcess) -> str:
-    status, body = http("GET", gw.api_port, "/metrics")
+    status, body = http("GET", gw.metrics_port, "/metrics")
     assert status == 200 and isinstance(body, str), body
     return body
 

@@ -328,8 +328,20 @@ def test_unknown_sandbox_is_refused_with_the_same_message_as_a_wrong_key(
     ssh_client: SshClient, make_tenant
 ) -> None:
     mine, theirs = make_tenant(), make_tenant()
-    wrong_key = ssh_client.ssh(theirs.key, mine.sandbox_id, "true")
-    unknown = ssh_client.ssh(mine.key, unique("sandbox"), "true")
+
+    def interactive(key: object, login: str) -> subprocess.CompletedProcess[bytes]:
+        # Not BatchMode: the hint comes with the keyboard-interactive attempt a client makes
+        # once all its keys were refused (batch clients skip it).
+        cmd = ["ssh", *ssh_client.base(key, batch=False), "-p", str(ssh_client.port)]
+        return subprocess.run(
+            [*cmd, f"{login}@127.0.0.1", "true"],
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            timeout=60,
+        )
+
+    wrong_key = interactive(theirs.key, mine.sandbox_id)
+    unknown = interactive(mine.key, unique("sandbox"))
     assert wrong_key.returncode == unknown.returncode == 255
 
     def normalise(stderr: bytes) -> str:
@@ -337,6 +349,22 @@ def test_unknown_sandbox_is_refused_with_the_same_message_as_a_wrong_key(
 
     assert normalise(wrong_key.stderr) == normalise(unknown.stderr)
     assert "runtools ssh-key add" in unknown.stderr.decode()
+
+
+def test_a_login_that_succeeds_after_an_unregistered_key_shows_no_hint(
+    ssh_client: SshClient, tenant: Tenant, tmp_path: Path
+) -> None:
+    stranger = make_key(tmp_path, unique("stranger"))
+    cmd = ["ssh", *ssh_client.base([stranger, tenant.key], batch=False), "-p", str(ssh_client.port)]
+    r = subprocess.run(
+        [*cmd, f"{tenant.sandbox_id}@127.0.0.1", "echo in"],
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"in\n"
+    assert b"runtools" not in r.stderr
 
 
 def test_revoked_key_is_refused_at_once(ssh_client: SshClient, tenant: Tenant) -> None:
