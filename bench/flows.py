@@ -249,7 +249,9 @@ _BUCKET = re.compile(r'^rtgw_auth_decision_seconds_bucket\{le="([^"]+)"\} ([0-9.
 def auth_histogram(lab: Lab) -> dict[float, float] | None:
     """Cumulative bucket counts of ``rtgw_auth_decision_seconds`` (None if not served)."""
     assert lab.gateway is not None
-    url = f"http://127.0.0.1:{lab.gateway.api_port}/metrics"
+    # The ops listener (GatewayProcess.metrics_port); older checkouts served /metrics on the API.
+    port = getattr(lab.gateway, "metrics_port", 0) or lab.gateway.api_port
+    url = f"http://127.0.0.1:{port}/metrics"
     try:
         with urllib.request.urlopen(url, timeout=5) as resp:
             text = resp.read().decode()

@@ -14,7 +14,8 @@ and never reveal whether a sandbox exists to someone who has not authenticated.
 | too_many_login_names        | more than admission.max_login_names names on one conn.  |  -   |
 | keystore_unavailable        | the database did not answer; login refused (fail closed)|  -   |
 | sandbox_stopped             | authenticated, but the sandbox is stopped               | 255  |
-| upstream_unreachable        | the sandbox's SSH endpoint did not answer in time       | 255  |
+| upstream_unreachable        | the sandbox's SSH endpoint could not be reached (no     | 255  |
+|                             | answer in time, refused, reset: said which)             |      |
 | upstream_host_key_mismatch  | the sandbox presented a host key that is not pinned     | 255  |
 | upstream_auth_failed        | the sandbox refused the gateway's upstream identity     | 255  |
 | upstream_refused            | the sandbox refused the session or channel request      | 255  |
@@ -111,7 +112,7 @@ SANDBOX_STOPPED = Reason(
 )
 UPSTREAM_UNREACHABLE = Reason(
     "upstream_unreachable",
-    "{sandbox} did not answer within {seconds:g} s. It may be starting or overloaded; "
+    "{sandbox} could not be reached ({detail}). It may be starting or overloaded; "
     "try again in a minute (connection id {conn_id}).",
 )
 UPSTREAM_HOST_KEY_MISMATCH = Reason(

@@ -126,6 +126,89 @@ def _reserve() -> budget.Hold:
     return hold
 
 
+class _ClientEnd(_Counting):
+    """The client-facing end of a remote forwarding's connection. It exists (and may be
+    sent bytes, an EOF or a close by the client) before its peer does: whatever came
+    meanwhile is handed to the peer when it is set."""
+
+    def __init__(self, count: Bytes) -> None:
+        super().__init__(None, count, "up")
+        self._lost = False
+
+    def set_peer(self, peer: SSHForwarder) -> None:
+        super().set_peer(peer)
+        data, self._inpbuf = self._inpbuf, b""
+        if data:
+            peer.write(data)
+        if self._eof_received:
+            peer.write_eof()
+        if self._lost:
+            self._peer = None
+            peer.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        super().connection_lost(exc)
+
+
+class _SandboxEnd(TunnelEnd):
+    """The sandbox-facing end of a remote forwarding's connection. The channel back to the
+    client opens first and the client's side may send (a service's greeting), end or close
+    before asyncssh has handed this end its own channel: keep all of that until then."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._pending: list[bytes] = []
+        self._pending_eof = False
+        self._pending_close = False
+        self._paused = False
+        self._started = False
+        super().__init__(*args, **kwargs)
+
+    def write(self, data: bytes) -> None:
+        if self._transport is None and not self._started:
+            self._pending.append(data)
+            return
+        super().write(data)
+
+    def write_eof(self) -> None:
+        if self._transport is None and not self._started:
+            self._pending_eof = True
+            return
+        super().write_eof()
+
+    def pause_reading(self) -> None:
+        if self._transport is None:
+            self._paused = True
+            return
+        super().pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._transport is None:
+            self._paused = False
+            return
+        super().resume_reading()
+
+    def close(self) -> None:
+        if self._transport is None and not self._started:
+            self._pending_close = True
+            return
+        super().close()
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self._started = True
+        pending, self._pending = self._pending, []
+        for data in pending:
+            self.write(data)
+        if self._paused:
+            self._paused = False
+            super().pause_reading()
+        if self._pending_eof:
+            self.write_eof()
+        if self._pending_close:
+            self.close()
+
+
 async def back_to_client(
     open_on_client: Callable[[Callable[[], SSHForwarder]], Awaitable[tuple[Any, Any]]],
     on_close: Callable[[Bytes], None],
@@ -137,10 +220,10 @@ async def back_to_client(
     hold = _reserve()
     count = Bytes()
     try:
-        _, client_end = await open_on_client(lambda: _Counting(None, count, "up"))
+        _, client_end = await open_on_client(lambda: _ClientEnd(count))
     except BaseException:
         hold.release()
         raise
-    return TunnelEnd(
+    return _SandboxEnd(
         cast(SSHForwarder, client_end), lambda: on_close(count), hold, count, way="down"
     )

@@ -114,10 +114,16 @@ class AuditedSession(ClientSide):
 
     def notice(self, text: str) -> None:
         """One stderr line; the session goes on (e.g. drain has begun)."""
-        chan = self._user_chan
-        if chan is None or self._noticed or chan.is_closing():
+        if self._noticed:
             return
         self._noticed = True
+        self.say(text)
+
+    def say(self, text: str) -> None:
+        """A stderr line about the connection (a refused forwarding); the session goes on."""
+        chan = self._user_chan
+        if chan is None or chan.is_closing():
+            return
         end = b"\r\n" if self.has_pty else b"\n"
         with contextlib.suppress(OSError, asyncssh.Error):
             chan.write_stderr(text.encode() + end)
@@ -242,6 +248,9 @@ class Channels:
         self._remote: set[forwarding.RemoteListener] = set()
         self._client_conn: asyncssh.SSHServerConnection | None = None
         self._agent_refused_told = False
+        # Refused forwardings asked for before any session (ssh -R ... cmd sends the request
+        # first): told on the next session's stderr, since ssh prints no global-request text.
+        self._untold: list[str] = []
 
     @property
     def session_count(self) -> int:
@@ -390,6 +399,9 @@ class Channels:
         return cast(asyncssh.SSHClientConnection, _SessionUpstream(self, session, lease))
 
     def session_started(self, session: AuditedSession) -> None:
+        untold, self._untold = self._untold, []
+        for text in untold:
+            session.say(text)
         self._rt.audit.record(
             self._event(
                 "ssh.session.start",
@@ -621,8 +633,18 @@ class Channels:
             reason=reason,
         )
         metrics.QUOTA_REFUSALS.labels(reason).inc()
-        self.notify_sessions(text)
+        self._tell(text)
         return True
+
+    def _tell(self, text: str) -> None:
+        """``text`` on every live session's stderr, or on the next one's if none is live."""
+        live = [s for s in self._sessions if not s.closing]
+        if not live:
+            if len(self._untold) < 4:
+                self._untold.append(text)
+            return
+        for session in live:
+            session.say(text)
 
     async def _listen(self, what: str, kind: str, host: str, port: int, path: str | None) -> object:
         client = self._client_conn

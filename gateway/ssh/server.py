@@ -73,6 +73,7 @@ class GatewayConnection(asyncssh.SSHServer):
         self._gateway_fault = False  # refused for a reason of ours: no penalty for the source
         self._banner_sent = False
         self._hint_due = False  # a refused key earned the registration hint
+        self._pinned: Target | None = None  # the sandbox whose upstream this client keeps warm
         self._started = time.monotonic()
 
     @property
@@ -154,6 +155,9 @@ class GatewayConnection(asyncssh.SSHServer):
             self._rt.revocation.forget(self)
         if self._channels is not None:
             self._channels.close()  # the shared upstream connections stay for other clients
+        if self._pinned is not None and self._rt.upstream_pool is not None:
+            self._rt.upstream_pool.unpin(self._pinned)
+            self._pinned = None
         self.log.info(
             "connection_closed",
             error=str(exc) if exc else None,
@@ -307,7 +311,10 @@ class GatewayConnection(asyncssh.SSHServer):
         asyncio.get_running_loop().create_task(self._touch_key(sandbox.org_id, key))
         if sandbox.status == "running" and self._rt.upstream_pool is not None:
             # The signature verified: only now may the gateway do work upstream.
-            self._rt.upstream_pool.warm(Target.of(sandbox))
+            target = Target.of(sandbox)
+            self._pinned = target
+            self._rt.upstream_pool.pin(target)
+            self._rt.upstream_pool.warm(target)
 
     async def _touch_key(self, org_id: Any, key: AuthorizedKey) -> None:
         with contextlib.suppress(Unavailable):

@@ -70,7 +70,18 @@ async def connect(
         raise UpstreamError(messages.UPSTREAM_HOST_KEY_MISMATCH.code, str(exc)) from exc
     except asyncssh.PermissionDenied as exc:
         raise UpstreamError(messages.UPSTREAM_AUTH_FAILED.code, str(exc)) from exc
-    except (OSError, TimeoutError, asyncssh.Error) as exc:
+    except TimeoutError as exc:
+        seconds = config.connect_timeout_seconds
         raise UpstreamError(
-            messages.UPSTREAM_UNREACHABLE.code, str(exc) or type(exc).__name__
+            messages.UPSTREAM_UNREACHABLE.code, f"no answer within {seconds:g} s"
+        ) from exc
+    except ConnectionRefusedError as exc:
+        raise UpstreamError(
+            messages.UPSTREAM_UNREACHABLE.code, "its SSH port refused the connection"
+        ) from exc
+    except (OSError, asyncssh.Error) as exc:
+        # Said as it happened (not "did not answer"); addresses stay out of the user's text.
+        text = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc)
+        raise UpstreamError(
+            messages.UPSTREAM_UNREACHABLE.code, str(text) or type(exc).__name__
         ) from exc

@@ -162,6 +162,9 @@ class UpstreamPool:
         self._connect = connect
         self._on_change = on_change
         self._targets: dict[Target, _Target] = {}
+        # Targets with a logged-in client connection: their last upstream connection stays
+        # warm past idle_seconds, so the first session after a pause does not pay a handshake.
+        self._pins: dict[Target, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._reaper: asyncio.TimerHandle | None = None
         self._closed = False
@@ -176,6 +179,18 @@ class UpstreamPool:
         return self._limits()
 
     # --- public API ---
+
+    def pin(self, target: Target) -> None:
+        """A client connection to ``target`` logged in: keep one upstream connection warm."""
+        self._pins[target] = self._pins.get(target, 0) + 1
+
+    def unpin(self, target: Target) -> None:
+        left = self._pins.get(target, 0) - 1
+        if left > 0:
+            self._pins[target] = left
+        else:
+            self._pins.pop(target, None)
+            self._schedule_reap()
 
     def warm(self, target: Target) -> None:
         """Start opening a connection to ``target`` unless one is usable or being opened."""
@@ -436,6 +451,10 @@ class UpstreamPool:
         for entry in [e for g in self._targets.values() for e in g.entries]:
             if entry.leases == 0:
                 if now - entry.idle_since >= idle_seconds:
+                    live = [e for e in entry.group.entries if not e.conn.is_closed()]
+                    if self._pins.get(entry.target) and live == [entry]:
+                        pending = True  # the pinned target's last connection: keep it warm
+                        continue
                     self._drop(entry)
                     entry.conn.close()
                 else:

@@ -3,28 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-from collections.abc import Callable
 
 import asyncssh
 import paramiko
 
-from tests.compat.conftest import End
-
-Record = Callable[[object], None]
-
-
-def run(
-    argv: list[str], input: bytes | None = None, timeout: float = 30
-) -> tuple[int, bytes, bytes]:
-    p = subprocess.run(
-        argv,
-        input=input,
-        capture_output=True,
-        timeout=timeout,
-        stdin=None if input is not None else subprocess.DEVNULL,
-    )
-    return p.returncode, p.stdout, p.stderr
+from tests.compat.support import End, Record, run
 
 
 def ssh(end: End, *args: str, input: bytes | None = None) -> tuple[int, bytes, bytes]:

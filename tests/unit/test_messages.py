@@ -22,8 +22,10 @@ def test_reason_codes_are_unique_and_stable_identifiers() -> None:
 
 
 def test_messages_after_auth_say_what_to_do_next() -> None:
-    text = messages.UPSTREAM_UNREACHABLE.render(sandbox="sandbox-x", seconds=10.0, conn_id="abc")
-    assert text.startswith("runtools: sandbox-x did not answer within 10 s")
+    text = messages.UPSTREAM_UNREACHABLE.render(
+        sandbox="sandbox-x", detail="no answer within 10 s", conn_id="abc"
+    )
+    assert text.startswith("runtools: sandbox-x could not be reached (no answer within 10 s)")
     assert "try again" in text and "abc" in text
     assert "runtools sandbox start sandbox-x" in messages.SANDBOX_STOPPED.render(
         sandbox="sandbox-x"

@@ -353,3 +353,22 @@ async def test_close_fails_waiters_with_a_reason_code() -> None:
     with pytest.raises(UpstreamError) as err:
         await waiter
     assert err.value.reason_code == messages.GATEWAY_DRAINING.code
+
+
+async def test_a_sandbox_with_a_logged_in_client_keeps_one_upstream_warm() -> None:
+    """The first session after a pause must not pay a new upstream handshake (issue 12)."""
+    connect = Connector()
+    pool = UpstreamPool(connect, idle_seconds=0.1)
+    t1 = target()
+    pool.pin(t1)  # a client of this sandbox is logged in
+    lease = await pool.acquire(t1)
+    lease.release()
+    await asyncio.sleep(0.3)  # well past idle_seconds
+    assert pool.stats()["connections"] == 1
+    again = await pool.acquire(t1)
+    assert again.conn is lease.conn and len(connect.opened) == 1  # no new handshake
+    again.release()
+    pool.unpin(t1)  # the client left: the idle connection closes as before
+    await asyncio.sleep(0.3)
+    assert pool.stats()["connections"] == 0
+    await pool.close()
