@@ -29,8 +29,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
-import stat
 import subprocess
 import tempfile
 import threading
@@ -38,6 +36,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from gateway.lab.host import free_port, log_tail, make_traversable
 from keystore.errors import Unavailable
 
 __all__ = ["ThrowawayCluster"]
@@ -46,7 +45,6 @@ DATABASE = "runtools"
 _SUPERUSER = "postgres"
 _OS_USER = "postgres"
 _PORT_ATTEMPTS = 3
-_LOG_TAIL_LINES = 30
 _STOP_TIMEOUT_SECONDS = 10.0
 # A Unix socket path (dir + "/.s.PGSQL.NNNNN") must fit in sockaddr_un.sun_path (108 bytes).
 _MAX_SOCKET_DIR_LEN = 90
@@ -85,37 +83,6 @@ def _find_bindir() -> str:
         "PostgreSQL server binaries (initdb, pg_ctl) not found: tried `pg_config --bindir`, "
         "/usr/lib/postgresql/*/bin and PATH; install the postgresql server package"
     )
-
-
-def _free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (bind port 0, read it, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _make_traversable(path: Path) -> None:
-    """Give "others" search (x) permission on ``path`` and each parent that lacks it.
-
-    Only the execute bit is added, so other users can reach the directory below without being
-    able to list anything on the way.
-    """
-    for directory in (path, *path.parents):
-        mode = directory.stat().st_mode
-        if not mode & stat.S_IXOTH:
-            os.chmod(directory, stat.S_IMODE(mode) | stat.S_IXOTH)
-
-
-def _tail(path: str, lines: int = _LOG_TAIL_LINES, start: int = 0) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(start)
-            data = f.read()
-    except OSError:
-        return "(no server log)"
-    text = data.decode("utf-8", "replace").rstrip()
-    return "\n".join(text.splitlines()[-lines:]) if text else "(server log is empty)"
 
 
 class ThrowawayCluster:
@@ -302,7 +269,7 @@ class ThrowawayCluster:
         )  # fmt: skip
 
         for attempt in range(1, _PORT_ATTEMPTS + 1):
-            port = _free_port()
+            port = free_port()
             if self._pg_ctl_start(port, deadline, last_attempt=attempt == _PORT_ATTEMPTS):
                 self._port = port
                 break
@@ -339,7 +306,7 @@ class ThrowawayCluster:
         if pw is not None:
             os.chown(work_dir, pw.pw_uid, pw.pw_gid)
             os.chmod(work_dir, 0o700)
-            _make_traversable(Path(work_dir).parent)
+            make_traversable(Path(work_dir).parent)
 
         return work_dir
 
@@ -363,7 +330,7 @@ class ThrowawayCluster:
             deadline,
         )  # fmt: skip
         for attempt in range(1, _PORT_ATTEMPTS + 1):
-            port = _free_port()
+            port = free_port()
             if self._pg_ctl_start(port, deadline, last_attempt=attempt == _PORT_ATTEMPTS):
                 self._port = port
                 break
@@ -398,7 +365,9 @@ class ThrowawayCluster:
         try:
             self._run("pg_ctl start", argv, deadline, grace=5.0)
         except Unavailable:
-            if not last_attempt and _PORT_IN_USE.search(_tail(self.log_path, start=log_start)):
+            if not last_attempt and _PORT_IN_USE.search(
+                log_tail(self.log_path, "server", start=log_start)
+            ):
                 self._kill_leftover_postmaster()
                 return False
             raise
@@ -447,7 +416,7 @@ class ThrowawayCluster:
         log_path = self.log_path
         if log_path is None or not os.path.exists(log_path):
             return ""
-        return f"\n--- last lines of the server log ---\n{_tail(log_path)}"
+        return f"\n--- last lines of the server log ---\n{log_tail(log_path, 'server')}"
 
     def _postmaster_pid(self) -> int | None:
         data_dir = self.data_dir

@@ -20,19 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
+from gateway.lab.host import free_port
+
 __all__ = ["REPO", "GatewayProcess", "free_port", "wait_for_banner"]
 
 # The source checkout gateway.lab lives in (it is not shipped in the wheel): the working
 # directory of the subprocesses, so ``python -m gateway`` runs this very tree.
 REPO = Path(__file__).resolve().parents[2]
 HOST_KEY_FILES = ("ssh_host_ed25519_key.pub", "ssh_host_ecdsa_key.pub", "ssh_host_rsa_key.pub")
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for_banner(

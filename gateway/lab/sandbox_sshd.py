@@ -22,7 +22,6 @@ import re
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import tempfile
 import threading
@@ -32,6 +31,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
+from gateway.lab.host import free_port, log_tail, make_traversable
+
 __all__ = ["DEFAULT_ROOT_LOGIN_USER", "SandboxSshd"]
 
 DEFAULT_ROOT_LOGIN_USER = "rtsandbox"
@@ -39,7 +40,6 @@ _USER_SETUP_LOCK = "/run/lock/rtgw-rtsandbox.lock"
 _SSHD_CANDIDATES = ("/usr/sbin/sshd", "/usr/local/sbin/sshd")
 _PORT_ATTEMPTS = 3
 _TERMINATE_GRACE_SECONDS = 5.0
-_LOG_TAIL_LINES = 30
 _PORT_IN_USE = re.compile(r"address already in use|cannot bind any address", re.I)
 # Paths go into sshd_config unquoted (and AuthorizedKeysFile is %-expanded): keep them plain.
 _SAFE_PATH = re.compile(r"^[A-Za-z0-9._/+-]+$")
@@ -72,33 +72,6 @@ def _sshd_version(sshd: str) -> tuple[int, int] | None:
             pass
         _ssh_version_cache[sshd] = version
     return _ssh_version_cache[sshd]
-
-
-def _free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (bind port 0, read it, close)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _make_traversable(path: Path) -> None:
-    """Give "others" search (x) permission on ``path`` and each parent that lacks it."""
-    for directory in (path, *path.parents):
-        mode = directory.stat().st_mode
-        if not mode & stat.S_IXOTH:
-            os.chmod(directory, stat.S_IMODE(mode) | stat.S_IXOTH)
-
-
-def _tail(path: str, lines: int = _LOG_TAIL_LINES, start: int = 0) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(start)
-            data = f.read()
-    except OSError:
-        return "(no sshd log)"
-    text = data.decode("utf-8", "replace").rstrip()
-    return "\n".join(text.splitlines()[-lines:]) if text else "(sshd log is empty)"
 
 
 def _answers_ssh_banner(host: str, port: int, timeout: float) -> bool:
@@ -400,7 +373,7 @@ class SandboxSshd:
         # secret is readable: the host private key stays 0600.
         os.chmod(work_dir, 0o755)  # noqa: S103
         if root:
-            _make_traversable(Path(work_dir).parent)
+            make_traversable(Path(work_dir).parent)
 
         host_key = os.path.join(work_dir, "ssh_host_ed25519_key")
         try:
@@ -423,7 +396,7 @@ class SandboxSshd:
         version = _sshd_version(sshd)
         penalties = version is not None and version >= (9, 8)
         for attempt in range(1, _PORT_ATTEMPTS + 1):
-            port = _free_port()
+            port = free_port()
             self._write_config(port, host_key, penalties=penalties)
             if self._launch(sshd, port, deadline, last_attempt=attempt == _PORT_ATTEMPTS):
                 self._port = port
@@ -495,7 +468,7 @@ class SandboxSshd:
         while True:
             code = process.poll()
             if code is not None:
-                log = _tail(log_path, start=log_start)
+                log = log_tail(log_path, "sshd", start=log_start)
                 if not last_attempt and _PORT_IN_USE.search(log):
                     self._process = None
                     return False
@@ -507,7 +480,7 @@ class SandboxSshd:
             if remaining <= 0:
                 raise RuntimeError(
                     f"sandbox sshd did not answer an SSH banner on {self.host}:{port} in time; "
-                    f"last lines of its log:\n{_tail(log_path, start=log_start)}"
+                    f"last lines of its log:\n{log_tail(log_path, 'sshd', start=log_start)}"
                 )
             if _answers_ssh_banner(self.host, port, timeout=min(1.0, remaining)):
                 return True
