@@ -108,10 +108,10 @@ def test_throwaway_cluster_retries_when_port_taken(monkeypatch: pytest.MonkeyPat
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         taken_port = taken.getsockname()[1]
-        real_free_port = gateway.lab.postgres._free_port
+        real_free_port = gateway.lab.postgres.free_port
         ports = iter([taken_port])
         monkeypatch.setattr(
-            gateway.lab.postgres, "_free_port", lambda: next(ports, None) or real_free_port()
+            gateway.lab.postgres, "free_port", lambda: next(ports, None) or real_free_port()
         )
 
         with ThrowawayCluster() as cluster:
