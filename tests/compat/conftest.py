@@ -22,10 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.lab.postgres import ThrowawayCluster
 from gateway.lab.process import GatewayProcess
 from gateway.lab.sandbox_sshd import SandboxSshd
-from gateway.lab.seed import Tenant, Upstream, create_tenant, migrate_database, unique
+from gateway.lab.seed import Tenant, Upstream, create_tenant, unique
 from gateway.lab.user_keys import make_key
 from gateway.ssh import hostkeys
 from tests.compat.support import End, Record
@@ -33,22 +32,6 @@ from tests.integration.support import GatewayFactory
 
 RESULTS = Path(__file__).with_name("results.json")
 _outcomes: dict[str, dict[str, object]] = {}
-
-
-@pytest.fixture(scope="session")
-def database_url() -> Iterator[str]:
-    url = os.environ.get("DATABASE_URL")
-    cluster = None
-    if not url:
-        cluster = ThrowawayCluster()
-        cluster.start()
-        url = cluster.dsn
-    asyncio.run(migrate_database(url))
-    try:
-        yield url
-    finally:
-        if cluster is not None:
-            cluster.stop()
 
 
 @pytest.fixture(scope="session")
