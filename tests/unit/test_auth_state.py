@@ -83,3 +83,17 @@ async def test_the_signed_request_is_answered_from_the_current_logins_keys(
     assert gw.validate_public_key("sandbox-mine", key) is True  # the signed call
     await gw.begin_auth("not-a-sandbox")
     assert gw.validate_public_key("not-a-sandbox", key) is False
+
+
+async def test_keyboard_interactive_only_shows_the_hint_and_never_lets_anyone_in(
+    conn: tuple[GatewayConnection, asyncssh.SSHKey],
+) -> None:
+    gw, _key = conn
+    stranger = asyncssh.generate_private_key("ssh-ed25519")
+    await gw.begin_auth("sandbox-mine")
+    assert gw.kbdint_auth_supported() is False  # nothing refused yet: not offered
+    assert gw.validate_public_key("sandbox-mine", stranger) is False
+    assert gw.kbdint_auth_supported() is True  # offered last, to carry the hint
+    assert gw.get_kbdint_challenge("sandbox-mine", "", "") is False  # fails at once
+    assert gw.validate_kbdint_response("sandbox-mine", ["anything"]) is False
+    assert gw.password_auth_supported() is False
