@@ -246,6 +246,10 @@ class Channels:
         # (gateway/upstream/dedicated.py); opened by the first channel that needs it.
         self._dedicated = Dedicated(self._open_dedicated)
         self._remote: set[forwarding.RemoteListener] = set()
+        # -R requests still being set up: a session asked for after them waits for them, as
+        # with sshd, which handles a connection's requests in order (so `ssh -R P:… cmd` finds
+        # its listener in place when cmd starts).
+        self._remote_pending: set[asyncio.Future[None]] = set()
         self._client_conn: asyncssh.SSHServerConnection | None = None
         self._agent_refused_told = False
         # Refused forwardings asked for before any session (ssh -R ... cmd sends the request
@@ -373,6 +377,10 @@ class Channels:
         self._refusing -= 1
 
     async def _session_upstream(self, session: AuditedSession) -> asyncssh.SSHClientConnection:
+        if self._remote_pending:
+            await asyncio.wait(
+                set(self._remote_pending), timeout=self._rt.config.upstream.connect_timeout_seconds
+            )
         agent_path = session.agent_path()
         for _ in range(10):
             # asyncssh answers the client's auth-agent-req in a task of its own (it creates
@@ -602,7 +610,7 @@ class Channels:
         )
         if refused:
             return False
-        return self._listen(what, "remote-tcpip", listen_host, listen_port, None)
+        return self._in_order(self._listen(what, "remote-tcpip", listen_host, listen_port, None))
 
     def open_remote_unix(self, listen_path: str) -> Awaitable[object] | bool:
         """``ssh -R /remote.sock:...``: a Unix-socket listener inside the sandbox."""
@@ -611,7 +619,22 @@ class Channels:
         )
         if refused:
             return False
-        return self._listen(listen_path, "remote-streamlocal", "", 0, listen_path)
+        return self._in_order(self._listen(listen_path, "remote-streamlocal", "", 0, listen_path))
+
+    def _in_order(self, setup: Awaitable[object]) -> Awaitable[object]:
+        """Run a -R setup while later sessions wait for it (``_remote_pending``)."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._remote_pending.add(done)
+
+        async def run() -> object:
+            try:
+                return await setup
+            finally:
+                self._remote_pending.discard(done)
+                if not done.done():
+                    done.set_result(None)
+
+        return run()
 
     def _remote_refusal(self, enabled: bool, what: str, listen: str) -> bool:
         if self._rt.draining:

@@ -149,11 +149,6 @@ def test_agent_forwarding_reaches_only_its_own_client(
     assert fingerprint(a_key).encode() not in b_none.stdout
 
 
-@pytest.mark.xfail(
-    reason="WIP issue 11: port 0 and -O cancel pass; -R fixed port together with a command "
-    "in one ssh run intermittently reads no bytes (line 'A fixed port too')",
-    strict=False,
-)
 def test_remote_forwards_come_back_to_their_own_client(
     ssh_client: SshClient, tenant: Tenant, tmp_path: Path
 ) -> None:
