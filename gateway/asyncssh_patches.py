@@ -76,6 +76,19 @@ another window (7-16 MB seen per channel against a 2 MiB window, several hundred
 uploads into slow readers). ``_deliver_data`` now counts bytes still buffered as not yet
 consumed, so a channel never holds more than one window of received data. Upstream-worthy.
 
+``certificate-decision-by-owner``: asyncssh decides a client certificate itself, asking the
+owner only ``validate_ca_key(username, ca_key)``: the owner never sees the certificate's
+principals, key id or serial (so an organization's extra principals and its revoked key ids and
+serials cannot be checked), and ``SSHOpenSSHCertificate.validate`` skips the principal check
+when the certificate has none, accepting it for any user. When the owner defines
+``validate_certificate(username, cert)`` (gateway/ssh/server.py), that decides instead
+(gateway/ssh/auth.py ``decide_certificate``: validity, principals, revocation); the rest of
+asyncssh's path is kept: source-address enforced, the certificate's options kept, so that
+force-command and the permit-pty / port / agent forwarding extensions are still applied by
+asyncssh. This one replaces the method's body for such owners rather than wrapping it: the
+canary reads the original's source so a change there is noticed. Upstream-worthy: hand the
+certificate to the owner.
+
 ``guessed-kex-per-rfc4253``: a client may guess the kex and send its first kex packet right
 after KEXINIT (``first_kex_packet_follows``; Dropbear's dbclient does). RFC 4253 7.1: the guess
 is wrong, and that packet must be ignored, when the preferred (first) kex or host-key algorithms
@@ -116,9 +129,11 @@ pinned, still with these canaries run against upstream) becomes the cheaper way 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from ipaddress import ip_address
 from typing import Any
 
 import asyncssh
@@ -437,6 +452,38 @@ def _install_userauth_failure_hook(patch: Patch) -> None:
     cls.send_userauth_failure = send_userauth_failure
 
 
+# --- certificate-decision-by-owner ----------------------------------------------------------
+
+
+def _install_certificate_decision(patch: Patch) -> None:
+    original = patch.original("_validate_openssh_certificate")
+
+    async def _validate_openssh_certificate(self: Any, username: str, cert: Any) -> Any:
+        decide = getattr(self._owner, "validate_certificate", None)
+        if decide is None or self._authorized_client_keys:
+            return await original(self, username, cert)
+        result = decide(username, cert)
+        if inspect.isawaitable(result):
+            result = await result
+        if not result:
+            return None
+        # What asyncssh's own path does after its checks: no authorized_keys options, the
+        # certificate's source-address enforced, its options kept for force-command and the
+        # permit-* extensions (pty, port and agent forwarding), touch requirement.
+        self._key_options = {}
+        allowed = cert.options.get("source-address")
+        if allowed:
+            address = ip_address(self._peer_addr)
+            if not any(address in network for network in allowed):
+                return None
+        self._cert_options = cert.options
+        cert.key.set_touch_required(not cert.options.get("no-touch-required", False))
+        return cert.key
+
+    cls: Any = patch.target
+    cls._validate_openssh_certificate = _validate_openssh_certificate
+
+
 # --- guessed-kex-per-rfc4253 -----------------------------------------------------------------
 
 
@@ -625,6 +672,21 @@ PATCHES: tuple[Patch, ...] = (
         target=_CONN,
         originals=_originals(_CONN, "send_userauth_failure"),
         install=_install_userauth_failure_hook,
+    ),
+    Patch(
+        name="certificate-decision-by-owner",
+        upstream=(
+            "SSHServerConnection._validate_openssh_certificate asks the owner only "
+            "validate_ca_key(username, ca_key), never shows it the certificate's principals, "
+            "key id or serial, and accepts a certificate without principals for any user "
+            "(SSHOpenSSHCertificate.validate skips the principal check when the list is "
+            "empty); an owner's validate_certificate(username, cert) now decides instead"
+        ),
+        target=asyncssh.connection.SSHServerConnection,
+        originals=_originals(
+            asyncssh.connection.SSHServerConnection, "_validate_openssh_certificate"
+        ),
+        install=_install_certificate_decision,
     ),
     Patch(
         name="guessed-kex-per-rfc4253",

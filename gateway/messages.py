@@ -32,7 +32,8 @@ and never reveal whether a sandbox exists to someone who has not authenticated.
 | too_many_connections_per_org| quotas.max_connections_per_org connections of the org   |  -   |
 |                             | are open; the new one is disconnected after auth        |      |
 | gateway_draining            | the gateway is restarting                                |  -   |
-| access_ended                | the key was revoked/expired/deleted, or the sandbox     | 255  |
+| access_ended                | the key (or certificate, or its CA) was revoked/expired/| 255  |
+|                             | deleted, or the sandbox                                 |      |
 |                             | stopped/deleted/moved, or the org removed (live session) |      |
 | revocation_unverified       | revocation.mode=strict and the change listener is down: |  -   |
 |                             | new channels on live connections are refused            |      |
@@ -58,6 +59,14 @@ key_not_registered banner):
 | source_penalized            | the source's failures earned it a penalty (PerSourcePenalties) |
 | kex_grace_exceeded          | no key exchange within admission.kex_grace_seconds      |
 | rsa_too_large, rsa_bad_exponent, rsa_too_small | a hostile or weak RSA key offered at login |
+| certificate_unknown_ca      | a certificate signed by no CA of the sandbox's organization |
+| certificate_expired, certificate_not_yet_valid | a certificate outside its validity window |
+| certificate_no_principals   | a certificate naming no principal (valid for anyone: refused) |
+| certificate_wrong_principal | a certificate naming neither the sandbox id nor one of  |
+|                             | the principals its CA was registered with               |
+| certificate_revoked         | the CA revoked the certificate's key id or serial      |
+| certificate_not_user        | a host certificate offered as a user's                 |
+| certificate_sha1_signature  | the CA signed the certificate with ssh-rsa (SHA-1)      |
 | proxy_header_untrusted      | a PROXY header from outside ssh.proxy_trusted_cidrs     |
 | proxy_untrusted_source      | proxy_protocol=required and the source is not trusted   |
 | proxy_header_missing        | proxy_protocol=required and no header came              |
@@ -212,6 +221,18 @@ _ACCESS_ENDED_BECAUSE = {
     "key_revoked": ("the SSH key {key} was revoked", "register a current key ({hint})."),
     "key_expired": ("the SSH key {key} expired", "register a current key ({hint})."),
     "key_deleted": ("the SSH key {key} was removed", "register a current key ({hint})."),
+    "certificate_revoked": (
+        "your certificate (key {key}) was revoked",
+        "ask your certificate authority for a new one, or register a key ({hint}).",
+    ),
+    "ca_revoked": (
+        "the certificate authority that signed your certificate was revoked",
+        "get a certificate from a current authority, or register a key ({hint}).",
+    ),
+    "ca_deleted": (
+        "the certificate authority that signed your certificate was removed",
+        "get a certificate from a current authority, or register a key ({hint}).",
+    ),
     "sandbox_stopped": (
         "{sandbox} was stopped",
         "start it (runtools sandbox start {sandbox}) and connect again.",

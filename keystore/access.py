@@ -5,9 +5,9 @@ organization as it was at login, and the key that authenticated (plus, optionall
 target it was connected to). ``check_grants`` re-evaluates any number of grants against the
 database in one round trip; ``invalid_grants`` keeps the ones that must end, with the reason.
 
-Scoping: a key counts only inside the organization the grant names, and that organization must
-still own the sandbox. A key of another organization never validates a grant, even when its id
-is given.
+Scoping: a key (or CA) counts only inside the organization the grant names, and that
+organization must still own the sandbox. A key or CA of another organization never validates a
+grant, even when its id is given.
 """
 
 from __future__ import annotations
@@ -29,6 +29,9 @@ KEY_DELETED = "key_deleted"  # no such key in the grant's organization any more
 KEY_REVOKED = "key_revoked"
 KEY_EXPIRED = "key_expired"
 TARGET_CHANGED = "sandbox_target_changed"  # upstream host/port or login user differ
+CA_DELETED = "ca_deleted"  # certificate logins: no such CA in the grant's organization any more
+CA_REVOKED = "ca_revoked"
+CERTIFICATE_REVOKED = "certificate_revoked"  # the CA revoked the certificate's key id or serial
 REASONS = (
     ORG_DELETED,
     ORG_DISABLED,
@@ -38,8 +41,14 @@ REASONS = (
     KEY_DELETED,
     KEY_REVOKED,
     KEY_EXPIRED,
+    CA_DELETED,
+    CA_REVOKED,
+    CERTIFICATE_REVOKED,
     TARGET_CHANGED,
 )
+
+KEY = "key"
+CERTIFICATE = "certificate"
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +57,10 @@ class Grant:
 
     The upstream fields are optional: when given, a grant whose sandbox now points elsewhere
     (another host, port or login user) is reported as ``sandbox_target_changed``.
+
+    For a login with a certificate (``credential`` ``certificate``), ``key_id`` is the id of
+    the CA that signed it, and ``cert_key_id`` / ``cert_serial`` name the certificate, so that
+    revoking either ends the connection.
     """
 
     sandbox_id: str
@@ -56,6 +69,9 @@ class Grant:
     upstream_host: str | None = None
     upstream_port: int | None = None
     login_user: str | None = None
+    credential: str = KEY
+    cert_key_id: str | None = None
+    cert_serial: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,21 +103,32 @@ SELECT g.n,
            WHEN s.id IS NULL THEN 'sandbox_deleted'
            WHEN s.org_id <> g.org_id THEN 'sandbox_moved'
            WHEN s.status <> 'running' THEN 'sandbox_stopped'
-           WHEN k.id IS NULL THEN 'key_deleted'
-           WHEN k.revoked_at IS NOT NULL THEN 'key_revoked'
-           WHEN k.expires_at IS NOT NULL AND k.expires_at <= now() THEN 'key_expired'
+           WHEN g.credential = 'key' AND k.id IS NULL THEN 'key_deleted'
+           WHEN g.credential = 'key' AND k.revoked_at IS NOT NULL THEN 'key_revoked'
+           WHEN g.credential = 'key' AND k.expires_at IS NOT NULL AND k.expires_at <= now()
+               THEN 'key_expired'
+           WHEN g.credential = 'certificate' AND c.id IS NULL THEN 'ca_deleted'
+           WHEN g.credential = 'certificate' AND c.revoked_at IS NOT NULL THEN 'ca_revoked'
+           WHEN g.credential = 'certificate' AND EXISTS (
+                    SELECT 1 FROM ssh_cert_revocations r
+                    WHERE r.org_id = g.org_id AND r.ca_id = g.key_id
+                      AND (r.cert_key_id = g.cert_key_id OR r.serial = g.cert_serial))
+               THEN 'certificate_revoked'
            WHEN (g.upstream_host IS NOT NULL AND g.upstream_host <> s.upstream_host)
              OR (g.upstream_port IS NOT NULL AND g.upstream_port <> s.upstream_port)
              OR (g.login_user IS NOT NULL AND g.login_user <> s.login_user)
                THEN 'sandbox_target_changed'
        END AS reason,
        k.expires_at
-FROM unnest($1::text[], $2::uuid[], $3::uuid[], $4::text[], $5::integer[], $6::text[])
+FROM unnest($1::text[], $2::uuid[], $3::uuid[], $4::text[], $5::integer[], $6::text[],
+            $7::text[], $8::text[], $9::numeric[])
          WITH ORDINALITY AS g(sandbox_id, org_id, key_id, upstream_host, upstream_port,
-                              login_user, n)
+                              login_user, credential, cert_key_id, cert_serial, n)
 LEFT JOIN organizations o ON o.id = g.org_id
 LEFT JOIN sandboxes s ON s.id = g.sandbox_id
-LEFT JOIN ssh_keys k ON k.id = g.key_id AND k.org_id = g.org_id
+LEFT JOIN ssh_keys k ON g.credential = 'key' AND k.id = g.key_id AND k.org_id = g.org_id
+LEFT JOIN ssh_cert_authorities c
+       ON g.credential = 'certificate' AND c.id = g.key_id AND c.org_id = g.org_id
 ORDER BY g.n
 """
 
@@ -120,6 +147,9 @@ async def check_grants(db: Executor, grants: Iterable[Grant]) -> list[GrantCheck
             [g.upstream_host for g in batch],
             [g.upstream_port for g in batch],
             [g.login_user for g in batch],
+            [g.credential for g in batch],
+            [g.cert_key_id for g in batch],
+            [g.cert_serial for g in batch],
         )
     return [
         GrantCheck(batch[row["n"] - 1], reason=row["reason"], key_expires_at=row["expires_at"])

@@ -37,7 +37,7 @@ from keystore.errors import InvalidChange
 log = structlog.get_logger("keystore.changes")
 
 CHANNEL = "rtgw_access"
-KINDS = ("ssh_key", "sandbox", "org", "all")
+KINDS = ("ssh_key", "cert_authority", "sandbox", "org", "all")
 OPS = ("update", "delete", "truncate")
 MAX_PAYLOAD_BYTES = 8000  # PostgreSQL's NOTIFY payload limit (7999 bytes plus the terminator)
 
@@ -50,7 +50,9 @@ OnSubscribed = Callable[[], Awaitable[None] | None]
 class AccessChange:
     """One notification: something that may narrow access changed.
 
-    ``kind`` says what changed: ``ssh_key`` (``key_id`` and ``fingerprint`` set), ``sandbox``
+    ``kind`` says what changed: ``ssh_key`` (``key_id`` and ``fingerprint`` set),
+    ``cert_authority`` (``key_id`` is the CA's id: a CA or one of its revocations changed,
+    migration 0004), ``sandbox``
     (``sandbox_id`` set), ``org`` (the organization ``org_id`` was deleted, op ``delete``, or
     disabled or re-enabled, op ``update``) or ``all`` (a table
     was truncated: re-check everything; ``org_id`` is None). ``org_id`` is the organization that
@@ -77,7 +79,7 @@ class AccessChange:
             return True
         if self.org_id != org_id:
             return False
-        if self.kind == "ssh_key":
+        if self.kind in ("ssh_key", "cert_authority"):
             return self.key_id == key_id
         if self.kind == "sandbox":
             return self.sandbox_id == sandbox_id
@@ -129,8 +131,8 @@ def parse_change(payload: str | bytes) -> AccessChange:
         raise InvalidChange("a sandbox change names no sandbox_id")
     raw_key = data.get("key_id")
     key_id = None if raw_key is None else _uuid(raw_key, "key_id")
-    if kind == "ssh_key" and key_id is None:
-        raise InvalidChange("an ssh_key change names no key_id")
+    if kind in ("ssh_key", "cert_authority") and key_id is None:
+        raise InvalidChange(f"an {kind} change names no key_id")
     fingerprint = _optional_str(data, "fingerprint")
     changed = data.get("changed", [])
     if not isinstance(changed, list) or not all(isinstance(c, str) for c in changed):

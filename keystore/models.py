@@ -99,14 +99,69 @@ class AuthorizedKey:
 
 
 @dataclass(frozen=True, slots=True)
+class TrustedCA:
+    """A certificate authority that may sign certificates opening the sandboxes of its org now
+    (registered, not revoked), with what the login decision needs: its extra principals and
+    the key ids and serials it revoked."""
+
+    id: uuid.UUID
+    fingerprint: str
+    public_key: str
+    principals: tuple[str, ...] = ()
+    revoked_key_ids: frozenset[str] = frozenset()
+    revoked_serials: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
 class SandboxAccess:
     """Everything the SSH gateway needs to decide a login, fetched in one query."""
 
     sandbox: Sandbox
     keys: tuple[AuthorizedKey, ...]
+    cas: tuple[TrustedCA, ...] = ()
 
     def key_for(self, fingerprint: str, public_key: str) -> AuthorizedKey | None:
         for key in self.keys:
             if key.fingerprint == fingerprint and key.public_key == public_key:
                 return key
         return None
+
+    def ca_for(self, fingerprint: str, public_key: str) -> TrustedCA | None:
+        for ca in self.cas:
+            if ca.fingerprint == fingerprint and ca.public_key == public_key:
+                return ca
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class CertAuthority:
+    """A registered SSH user certificate authority of an organization (API and CLI view)."""
+
+    id: uuid.UUID
+    org_id: uuid.UUID
+    name: str
+    algorithm: str
+    bits: int
+    fingerprint: str
+    public_key: str
+    comment: str | None
+    principals: tuple[str, ...]
+    created_at: dt.datetime
+    revoked_at: dt.datetime | None
+    created_by: str | None = None
+    created_by_type: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CertRevocation:
+    """One certificate a CA revoked, named by its key id or by its serial (exactly one)."""
+
+    id: uuid.UUID
+    org_id: uuid.UUID
+    ca_id: uuid.UUID
+    cert_key_id: str | None
+    serial: int | None
+    reason: str | None
+    created_at: dt.datetime
+    created_by: str | None = None
+    created_by_type: str | None = None

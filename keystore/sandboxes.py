@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 
@@ -9,7 +10,7 @@ import asyncpg
 
 from keystore.db import Executor, unavailable_on_failure
 from keystore.errors import Conflict, InvalidInput, NotFound
-from keystore.models import AuthorizedKey, Sandbox, SandboxAccess
+from keystore.models import AuthorizedKey, Sandbox, SandboxAccess, TrustedCA
 
 SANDBOX_ID = re.compile(r"^sandbox-[a-z0-9-]{1,63}$")
 LOGIN_USER = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
@@ -119,10 +120,11 @@ async def find_org_of_sandbox(db: Executor, sandbox_id: str) -> uuid.UUID:
 
 
 async def access_for(db: Executor, sandbox_id: str) -> SandboxAccess | None:
-    """The sandbox and every key of *its own* organization that may open it, in one query.
+    """The sandbox, every key and every certificate authority of *its own* organization that
+    may open it (with the certificates each CA revoked), in one query.
 
-    The join is on the sandbox's org_id: a key of another organization can never appear.
-    A disabled organization's sandbox comes with no key, so every login to it is refused.
+    The join is on the sandbox's org_id: a key or CA of another organization can never appear.
+    A disabled organization's sandbox comes with no key and no CA, so every login to it is refused.
     None when the sandbox does not exist.
     """
     with unavailable_on_failure("loading keys for a login"):
@@ -136,7 +138,27 @@ async def access_for(db: Executor, sandbox_id: str) -> SandboxAccess | None:
                    coalesce(array_agg(k.public_key ORDER BY k.created_at)
                             FILTER (WHERE k.id IS NOT NULL), '{{}}') AS key_lines,
                    coalesce(array_agg(k.expires_at ORDER BY k.created_at)
-                            FILTER (WHERE k.id IS NOT NULL), '{{}}') AS key_expiries
+                            FILTER (WHERE k.id IS NOT NULL), '{{}}') AS key_expiries,
+                   (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                               'id', c.id,
+                               'fingerprint', c.fingerprint,
+                               'public_key', c.public_key,
+                               'principals', c.principals,
+                               'revoked_key_ids',
+                               (SELECT coalesce(jsonb_agg(r.cert_key_id), '[]'::jsonb)
+                                FROM ssh_cert_revocations r
+                                WHERE r.org_id = c.org_id AND r.ca_id = c.id
+                                  AND r.cert_key_id IS NOT NULL),
+                               'revoked_serials',
+                               (SELECT coalesce(jsonb_agg(r.serial::text), '[]'::jsonb)
+                                FROM ssh_cert_revocations r
+                                WHERE r.org_id = c.org_id AND r.ca_id = c.id
+                                  AND r.serial IS NOT NULL))
+                           ORDER BY c.created_at), '[]'::jsonb)
+                    FROM ssh_cert_authorities c
+                    WHERE c.org_id = s.org_id
+                      AND c.revoked_at IS NULL
+                      AND o.disabled_at IS NULL) AS cas
             FROM sandboxes s
             JOIN organizations o ON o.id = s.org_id
             LEFT JOIN ssh_keys k
@@ -145,7 +167,7 @@ async def access_for(db: Executor, sandbox_id: str) -> SandboxAccess | None:
                   AND k.revoked_at IS NULL
                   AND (k.expires_at IS NULL OR k.expires_at > now())
             WHERE s.id = $1
-            GROUP BY s.id, o.slug
+            GROUP BY s.id, o.slug, o.disabled_at
             """,  # noqa: S608 - only constant column lists are interpolated
             sandbox_id,
         )
@@ -157,4 +179,15 @@ async def access_for(db: Executor, sandbox_id: str) -> SandboxAccess | None:
             row["key_ids"], row["key_fps"], row["key_lines"], row["key_expiries"], strict=True
         )
     )
-    return SandboxAccess(sandbox=_sandbox(row), keys=keys)
+    cas = tuple(
+        TrustedCA(
+            id=uuid.UUID(ca["id"]),
+            fingerprint=ca["fingerprint"],
+            public_key=ca["public_key"],
+            principals=tuple(ca["principals"]),
+            revoked_key_ids=frozenset(ca["revoked_key_ids"]),
+            revoked_serials=frozenset(int(serial) for serial in ca["revoked_serials"]),
+        )
+        for ca in json.loads(row["cas"])
+    )
+    return SandboxAccess(sandbox=_sandbox(row), keys=keys, cas=cas)

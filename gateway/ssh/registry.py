@@ -18,12 +18,21 @@ K = TypeVar("K")
 
 @dataclass(frozen=True, slots=True)
 class Identity:
-    """Who an authenticated connection is: the key that opened which sandbox of which org."""
+    """Who an authenticated connection is: the key that opened which sandbox of which org.
+
+    For a certificate login ``key_id`` is the signing CA's id (``by_key`` then finds every
+    connection a CA opened) and ``cert_key_id``/``cert_serial`` name the certificate."""
 
     org_id: uuid.UUID
     sandbox_id: str
     key_id: uuid.UUID
     fingerprint: str
+    cert_key_id: str | None = None
+    cert_serial: int | None = None
+
+    @property
+    def is_certificate(self) -> bool:
+        return self.cert_serial is not None
 
 
 class LiveConnection(Protocol):

@@ -72,7 +72,12 @@ class Change(Protocol):
 
 def grant_of(identity: Identity) -> access.Grant:
     return access.Grant(
-        sandbox_id=identity.sandbox_id, org_id=identity.org_id, key_id=identity.key_id
+        sandbox_id=identity.sandbox_id,
+        org_id=identity.org_id,
+        key_id=identity.key_id,
+        credential=access.CERTIFICATE if identity.is_certificate else access.KEY,
+        cert_key_id=identity.cert_key_id,
+        cert_serial=identity.cert_serial,
     )
 
 
@@ -133,7 +138,7 @@ class Revocation:
 
     def on_change(self, change: Change) -> None:
         reg = self._registry
-        if change.kind == "ssh_key" and change.key_id is not None:
+        if change.kind in ("ssh_key", "cert_authority") and change.key_id is not None:
             conns = reg.by_key(change.key_id)
         elif change.kind == "sandbox" and change.sandbox_id is not None:
             conns = reg.by_sandbox(change.sandbox_id)

@@ -27,7 +27,16 @@ from gateway import messages
 from gateway.daemon import metrics
 from gateway.ssh import quotas
 from gateway.ssh.admission import Refusal, Ticket
-from gateway.ssh.auth import Accept, LoginLookup, Refuse, canonical_line, decide, look_up
+from gateway.ssh.auth import (
+    Accept,
+    LoginLookup,
+    Refuse,
+    canonical_line,
+    decide,
+    decide_certificate,
+    look_up,
+    presented_certificate,
+)
 from gateway.ssh.channels import Channels
 from gateway.ssh.registry import Identity
 from gateway.ssh.runtime import Runtime
@@ -230,6 +239,26 @@ class GatewayConnection(asyncssh.SSHServer):
         self._refuse(decision, fingerprint)
         return False
 
+    def validate_certificate(self, username: str, cert: asyncssh.SSHCertificate) -> bool:
+        """An OpenSSH user certificate offered (gateway/asyncssh_patches.py
+        'certificate-decision-by-owner'): decided like a key, from the same access data, by
+        gateway/ssh/auth.py ``decide_certificate``. Called for the unsigned query and again
+        with the signature, as validate_public_key is."""
+        self._offered = True
+        lookup = self._lookup or LoginLookup(username, None, None, messages.INVALID_LOGIN_NAME.code)
+        presented = presented_certificate(cert)
+        problem = login_key_problem(cert.key)
+        decision = (
+            Refuse(problem)
+            if problem is not None
+            else decide_certificate(lookup, presented, time.time())
+        )
+        if isinstance(decision, Accept):
+            self._accepted = decision
+            return True
+        self._refuse(decision, presented.key_fingerprint)
+        return False
+
     def userauth_failed(self) -> None:
         """After every USERAUTH_FAILURE (gateway/asyncssh_patches.py 'userauth-failure-hook'):
         refused keys, bad signatures, certificates, unknown key blobs, 'none' and other
@@ -272,7 +301,15 @@ class GatewayConnection(asyncssh.SSHServer):
             self._kex_timer.cancel()
         if self._ticket is not None:
             self._ticket.authenticated()
-        identity = Identity(sandbox.org_id, sandbox.id, key.id, key.fingerprint)
+        cert = accepted.certificate
+        identity = Identity(
+            sandbox.org_id,
+            sandbox.id,
+            key.id,
+            key.fingerprint,
+            cert_key_id=cert.key_id if cert is not None else None,
+            cert_serial=cert.serial if cert is not None else None,
+        )
         refusal = quotas.check_connection(self._rt.registry, identity, self._rt.config.quotas, self)
         if refusal is not None:
             metrics.QUOTA_REFUSALS.labels(refusal.code).inc()
@@ -306,6 +343,10 @@ class GatewayConnection(asyncssh.SSHServer):
             if revocation is not None:
                 revocation.track(self, key.expires_at, sandbox.status == "running")
         self.log = self.log.bind(org=sandbox.org_slug, key=key.fingerprint)
+        if cert is not None:
+            self.log = self.log.bind(
+                cert_key_id=printable(cert.key_id), cert_serial=cert.serial, ca=cert.ca_fingerprint
+            )
         self._audit_auth("ok", None, key.fingerprint)
         self.log.info("auth_ok", failed_attempts=self._failures)
         asyncio.get_running_loop().create_task(self._touch_key(sandbox.org_id, key))
@@ -451,9 +492,26 @@ class GatewayConnection(asyncssh.SSHServer):
                     "org": sandbox.org_slug if sandbox else None,
                     "login": login,
                     "failed_attempts": self._failures,
+                    **self._certificate_details(),
                 },
             )
         )
+
+    def _certificate_details(self) -> dict[str, Any]:
+        """Which certificate logged in, for the audit row (nothing for a plain key)."""
+        accepted = self._accepted
+        cert = accepted.certificate if accepted is not None else None
+        if cert is None:
+            return {}
+        return {
+            "certificate": {
+                "ca_id": str(cert.ca_id),
+                "ca_fingerprint": cert.ca_fingerprint,
+                "key_id": printable(cert.key_id),
+                "serial": str(cert.serial),
+                "principals": [printable(p) for p in cert.principals[:8]],
+            }
+        }
 
 
 def admission_gate(rt: Runtime) -> Callable[[str | None], str | None]:

@@ -748,3 +748,28 @@ def test_a_kex_guess_is_wrong_when_the_preferred_algorithms_differ(
     mine = _kexinit([b"mlkem768x25519-sha256", b"curve25519-sha256"], [b"ssh-ed25519"], False)
     peer = _kexinit([peer_kex, b"mlkem768x25519-sha256"], [peer_host_key], follows)
     assert asyncssh_patches.guess_is_wrong(mine, peer) is wrong
+
+
+def test_canary_upstream_still_decides_certificates_without_the_owner() -> None:
+    # asyncssh asks its owner about the CA key only, then lets SSHOpenSSHCertificate.validate
+    # judge the certificate, which accepts one naming no principal for any user. The patch
+    # keeps the tail of the original path (source-address, the certificate's options).
+    patch = asyncssh_patches.patch_named("certificate-decision-by-owner")
+    source = inspect.getsource(patch.original("_validate_openssh_certificate"))
+    ca = asyncssh.generate_private_key("ssh-ed25519")
+    user = asyncssh.generate_private_key("ssh-ed25519")
+    anyone = ca.generate_user_certificate(user, "no-principals", principals=())
+    try:
+        anyone.validate(asyncssh.public_key.CERT_TYPE_USER, "sandbox-of-anyone")
+        accepts_no_principals = True
+    except ValueError:
+        accepts_no_principals = False
+    still_there = (
+        accepts_no_principals
+        and "self._owner.validate_ca_key(username, cert.signing_key)" in source
+        and "cert.validate(CERT_TYPE_USER, cert_user)" in source
+        and "cert.options.get('source-address')" in source
+        and "self._cert_options = cert.options" in source
+        and "validate_certificate" not in source
+    )
+    _canary({}, patch.name, still_there)

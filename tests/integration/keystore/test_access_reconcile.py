@@ -7,8 +7,11 @@ import datetime as dt
 import uuid
 from typing import Any
 
+import asyncssh
+
 from keystore import access, sandboxes, ssh_keys
 from keystore.access import Grant
+from keystore.keys import parse_public_key
 
 
 class CountingDb:
@@ -117,3 +120,115 @@ async def test_access_for_carries_each_keys_expiry(make_org: Any, pool: Any) -> 
     found = await sandboxes.access_for(pool, org.sandbox_id)
     assert found is not None
     assert {k.id: k.expires_at for k in found.keys} == {forever: None, expiring: later}
+
+
+async def _add_ca(pool: Any, org_id: uuid.UUID, principals: list[str] | None = None) -> Any:
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    parsed = parse_public_key(key.export_public_key().decode())
+    return await pool.fetchval(
+        "INSERT INTO ssh_cert_authorities (org_id, name, algorithm, bits, fingerprint, "
+        "public_key, principals) VALUES ($1, 'ca', $2, $3, $4, $5, $6) RETURNING id",
+        org_id,
+        parsed.algorithm,
+        parsed.bits,
+        parsed.fingerprint,
+        parsed.public_key,
+        principals or [],
+    )
+
+
+def _cert_grant(org: Any, ca_id: Any, key_id: str = "alice", serial: int = 1) -> Grant:
+    return Grant(
+        org.sandbox_id,
+        org.id,
+        ca_id,
+        credential=access.CERTIFICATE,
+        cert_key_id=key_id,
+        cert_serial=serial,
+    )
+
+
+async def test_certificate_grants_end_with_their_ca_or_their_revocation(
+    make_org: Any, pool: Any
+) -> None:
+    org = await make_org()
+    live = await _add_ca(pool, org.id)
+    revoked_ca = await _add_ca(pool, org.id)
+    deleted_ca = await _add_ca(pool, org.id)
+    await pool.execute(
+        "UPDATE ssh_cert_authorities SET revoked_at = now() WHERE id = $1", revoked_ca
+    )
+    await pool.execute("DELETE FROM ssh_cert_authorities WHERE id = $1", deleted_ca)
+    await pool.execute(
+        "INSERT INTO ssh_cert_revocations (org_id, ca_id, cert_key_id) VALUES ($1, $2, 'mallory')",
+        org.id,
+        live,
+    )
+    await pool.execute(
+        "INSERT INTO ssh_cert_revocations (org_id, ca_id, serial) "
+        "VALUES ($1, $2, 18446744073709551615)",
+        org.id,
+        live,
+    )
+    grants = {
+        _cert_grant(org, live): None,
+        _cert_grant(org, live, "mallory", 2): access.CERTIFICATE_REVOKED,
+        _cert_grant(org, live, "eve", 2**64 - 1): access.CERTIFICATE_REVOKED,
+        _cert_grant(org, revoked_ca): access.CA_REVOKED,
+        _cert_grant(org, deleted_ca): access.CA_DELETED,
+        # A CA's id is not a key's: the same id as a plain-key grant names no key.
+        Grant(org.sandbox_id, org.id, live): access.KEY_DELETED,
+    }
+    checks = await access.check_grants(pool, list(grants))
+    assert [c.reason for c in checks] == list(grants.values())
+
+
+async def test_a_ca_never_counts_for_another_orgs_sandbox(make_org: Any, pool: Any) -> None:
+    a, b = await make_org(), await make_org()
+    a_ca = await _add_ca(pool, a.id)
+    checks = await access.check_grants(
+        pool,
+        [
+            _cert_grant(a, a_ca),  # valid
+            Grant(
+                b.sandbox_id,
+                b.id,
+                a_ca,
+                credential=access.CERTIFICATE,
+                cert_key_id="x",
+                cert_serial=1,
+            ),  # a's CA claimed for org b's sandbox
+            _cert_grant(b, a_ca),  # the same, via the helper
+        ],
+    )
+    assert [c.reason for c in checks] == [None, access.CA_DELETED, access.CA_DELETED]
+    found = await sandboxes.access_for(pool, b.sandbox_id)
+    assert found is not None and found.cas == ()
+    mine = await sandboxes.access_for(pool, a.sandbox_id)
+    assert mine is not None and [ca.id for ca in mine.cas] == [a_ca]
+
+
+async def test_access_for_carries_each_cas_principals_and_revocations(
+    make_org: Any, pool: Any
+) -> None:
+    org = await make_org()
+    ca_id = await _add_ca(pool, org.id, ["team-infra"])
+    await pool.execute(
+        "INSERT INTO ssh_cert_revocations (org_id, ca_id, cert_key_id) VALUES ($1, $2, 'gone')",
+        org.id,
+        ca_id,
+    )
+    await pool.execute(
+        "INSERT INTO ssh_cert_revocations (org_id, ca_id, serial) VALUES ($1, $2, 42)",
+        org.id,
+        ca_id,
+    )
+    found = await sandboxes.access_for(pool, org.sandbox_id)
+    assert found is not None
+    (ca,) = found.cas
+    assert ca.principals == ("team-infra",)
+    assert ca.revoked_key_ids == frozenset({"gone"})
+    assert ca.revoked_serials == frozenset({42})
+    await pool.execute("UPDATE organizations SET disabled_at = now() WHERE id = $1", org.id)
+    disabled = await sandboxes.access_for(pool, org.sandbox_id)
+    assert disabled is not None and disabled.cas == () and disabled.keys == ()
