@@ -38,7 +38,7 @@ log = structlog.get_logger("keystore.changes")
 
 CHANNEL = "rtgw_access"
 KINDS = ("ssh_key", "cert_authority", "sandbox", "org", "all")
-OPS = ("update", "delete", "truncate")
+OPS = ("insert", "update", "delete", "truncate")
 MAX_PAYLOAD_BYTES = 8000  # PostgreSQL's NOTIFY payload limit (7999 bytes plus the terminator)
 
 State = Literal["connecting", "listening", "down"]
@@ -57,7 +57,8 @@ class AccessChange:
     disabled or re-enabled, op ``update``) or ``all`` (a table
     was truncated: re-check everything; ``org_id`` is None). ``org_id`` is the organization that
     may lose access (for a key or sandbox moved to another organization, the old one). ``op`` is
-    ``update``, ``delete`` or ``truncate``; ``changed`` names the columns an update changed
+    ``insert`` (a key or CA registered: widening, migration 0005), ``update``, ``delete`` or
+    ``truncate``; ``changed`` names the columns an update changed
     (e.g. ``revoked_at``, ``expires_at``, ``status``, ``org_id``). ``at`` is the database's
     ``clock_timestamp()`` when the change was written, as Unix epoch seconds (the commit follows
     shortly after): the start of the revocation lag.

@@ -77,7 +77,7 @@ def test_unknown_fields_are_ignored_and_op_and_at_are_optional() -> None:
         payload(kind="org"),
         payload(kind="org", org_id="not-a-uuid"),
         payload(kind="org", org_id=42),
-        payload(kind="org", org_id=str(ORG), op="insert"),
+        payload(kind="org", org_id=str(ORG), op="upsert"),
         payload(kind="ssh_key", org_id=str(ORG)),
         payload(kind="ssh_key", org_id=str(ORG), key_id="nope"),
         payload(kind="sandbox", org_id=str(ORG)),
