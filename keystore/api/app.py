@@ -8,7 +8,13 @@ from collections.abc import Sequence
 from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractRoute
 
-from keystore.api import routes_api_keys, routes_audit, routes_ssh_keys, routes_webhooks
+from keystore.api import (
+    routes_api_keys,
+    routes_audit,
+    routes_cert_authorities,
+    routes_ssh_keys,
+    routes_webhooks,
+)
 from keystore.api.auth import (
     BACKGROUND_KEY,
     RATE_LIMITER_KEY,
@@ -27,6 +33,7 @@ from keystore.db import Executor
 
 ROUTES: tuple[ApiRoute, ...] = (
     *routes_ssh_keys.ROUTES,
+    *routes_cert_authorities.ROUTES,
     *routes_api_keys.ROUTES,
     *routes_audit.ROUTES,
 )

@@ -15,6 +15,13 @@ from keystore import tokens
 from keystore.api.common import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, ApiRoute
 from keystore.api.routes_audit import MAX_FILTER_CHARS, MAX_TIME_CHARS, RESULTS
 from keystore.api.routes_webhooks import PATH as WEBHOOK_PATH
+from keystore.cert_authorities import (
+    MAX_KEY_ID_CHARS,
+    MAX_PRINCIPAL_CHARS,
+    MAX_PRINCIPALS,
+    MAX_REASON_CHARS,
+    MAX_SERIAL,
+)
 from keystore.keys import MAX_PUBLIC_KEY_CHARS
 from keystore.models import CREATOR_TYPES
 
@@ -42,6 +49,38 @@ _CREATED_BY_TYPE = {"type": ["string", "null"], "enum": [*CREATOR_TYPES, None]}
 _EXAMPLE_KEY = (
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIIhs7wL9+AkcNlTJNrj6AJT4Er1suUvVJW22+f82sg3s alice@laptop"
 )
+_EXAMPLE_CA_KEY = (
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIIhs7wL9+AkcNlTJNrj6AJT4Er1suUvVJW22+f82sg3s ci-signer"
+)
+# One extra principal: printable ASCII without space and comma, never a sandbox id.
+_PRINCIPALS = {
+    "type": "array",
+    "maxItems": MAX_PRINCIPALS,
+    "items": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": MAX_PRINCIPAL_CHARS,
+        "pattern": "^[\\x21-\\x2b\\x2d-\\x7e]+$",
+        "not": {"pattern": "^sandbox-[a-z0-9-]{1,63}$"},
+    },
+    "description": "Principals a certificate of this CA may name, besides the sandbox id "
+    "itself, to open any sandbox of the organization (e.g. a team name). Printable ASCII "
+    "without spaces or commas; not a sandbox id; duplicates are dropped.",
+    "examples": [["team-backend"]],
+}
+_KEY_ID = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": MAX_KEY_ID_CHARS,
+    "pattern": "^[^\\x00-\\x1f\\x7f-\\x9f]+$",
+    "description": "The certificate's key id (ssh-keygen -I), compared exactly.",
+}
+_SERIAL = {
+    "type": "integer",
+    "minimum": 0,
+    "maximum": MAX_SERIAL,
+    "description": "The certificate's serial (ssh-keygen -z).",
+}
 
 
 def _error(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -73,7 +112,8 @@ _SCHEMAS: dict[str, Any] = {
                     "existing_id": {
                         "type": "string",
                         "format": "uuid",
-                        "description": "On 409: the id of the key already holding the fingerprint.",
+                        "description": "On 409: the id of the key or CA already holding the "
+                        "fingerprint, or of the revocation already naming the certificate.",
                     },
                 },
             }
@@ -155,6 +195,133 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "name": _NAME,
             "project": {"type": "string", "pattern": SLUG_PATTERN},
+        },
+    },
+    "SshCertAuthority": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": [
+            "id",
+            "name",
+            "type",
+            "bits",
+            "fingerprint",
+            "public_key",
+            "comment",
+            "principals",
+            "created_at",
+            "created_by",
+            "created_by_type",
+        ],
+        "properties": {
+            "id": {"type": "string", "format": "uuid"},
+            "name": {"type": "string"},
+            "type": {"type": "string", "examples": ["ssh-ed25519"]},
+            "bits": {"type": "integer", "minimum": 1},
+            "fingerprint": {"type": "string", "pattern": "^SHA256:[A-Za-z0-9+/]{43}$"},
+            "public_key": {
+                "type": "string",
+                "description": "The CA's canonical public key, 'TYPE BASE64', without comment.",
+            },
+            "comment": {"type": ["string", "null"]},
+            "principals": {"type": "array", "items": {"type": "string"}},
+            "created_at": _TIME,
+            "created_by": _CREATED_BY,
+            "created_by_type": _CREATED_BY_TYPE,
+        },
+    },
+    "SshCertAuthorityPage": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["data", "next_cursor"],
+        "properties": {
+            "data": {"type": "array", "items": {"$ref": "#/components/schemas/SshCertAuthority"}},
+            "next_cursor": {
+                "type": ["string", "null"],
+                "description": "Pass as ?cursor= for the next page; null on the last page.",
+            },
+        },
+    },
+    "NewSshCertAuthority": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["name", "public_key"],
+        "properties": {
+            "name": _NAME,
+            "public_key": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": MAX_PUBLIC_KEY_CHARS,
+                "description": "The CA's public key (ca.pub), checked like an SSH key's. Not a "
+                "certificate, not DSA, not RSA under 2048 bits, never a private key.",
+                "examples": [_EXAMPLE_CA_KEY],
+            },
+            "principals": _PRINCIPALS,
+        },
+    },
+    "SshCertAuthorityUpdate": {
+        "type": "object",
+        "additionalProperties": False,
+        "minProperties": 1,
+        "properties": {
+            "name": _NAME,
+            "principals": {**_PRINCIPALS, "description": "Replaces the CA's principals."},
+        },
+    },
+    "CertRevocation": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": [
+            "id",
+            "ca_id",
+            "key_id",
+            "serial",
+            "reason",
+            "created_at",
+            "created_by",
+            "created_by_type",
+        ],
+        "properties": {
+            "id": {"type": "string", "format": "uuid"},
+            "ca_id": {"type": "string", "format": "uuid"},
+            "key_id": {
+                "type": ["string", "null"],
+                "description": "The revoked key id; null when revoked by serial.",
+            },
+            "serial": {
+                "type": ["integer", "null"],
+                "minimum": 0,
+                "maximum": MAX_SERIAL,
+                "description": "The revoked serial; null when revoked by key id.",
+            },
+            "reason": {"type": ["string", "null"]},
+            "created_at": _TIME,
+            "created_by": _CREATED_BY,
+            "created_by_type": _CREATED_BY_TYPE,
+        },
+    },
+    "CertRevocationPage": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["data", "next_cursor"],
+        "properties": {
+            "data": {"type": "array", "items": {"$ref": "#/components/schemas/CertRevocation"}},
+            "next_cursor": {"type": ["string", "null"]},
+        },
+    },
+    "NewCertRevocation": {
+        "type": "object",
+        "additionalProperties": False,
+        "description": "Exactly one of key_id and serial.",
+        "oneOf": [{"required": ["key_id"]}, {"required": ["serial"]}],
+        "properties": {
+            "key_id": _KEY_ID,
+            "serial": _SERIAL,
+            "reason": {
+                "type": "string",
+                "maxLength": MAX_REASON_CHARS,
+                "description": "Why, for the people reading the list later.",
+            },
         },
     },
     "ApiKey": {
@@ -345,9 +512,10 @@ _RESPONSES: dict[str, Any] = {
     "Forbidden": _error(
         "Not allowed: the API key lacks the scope (`insufficient_scope`), the member's role "
         "does not allow it (`insufficient_permission`), the member may change only keys they "
-        "registered (`not_key_owner`), an rt_test_ key may not make rt_live_ keys "
-        "(`test_key_cannot_make_live`), or the new key would outlive the expiring key "
-        "creating it (`expires_after_caller`)."
+        "registered (`not_key_owner`) or may not change certificate authorities, which are "
+        "organization-wide credentials (`insufficient_permission`), an rt_test_ key may not "
+        "make rt_live_ keys (`test_key_cannot_make_live`), or the new key would outlive the "
+        "expiring key creating it (`expires_after_caller`)."
     ),
     "NotFound": _error("No such resource in the API key's organization."),
     "MethodNotAllowed": _error(
@@ -384,6 +552,13 @@ _ID_PARAM = {
     "in": "path",
     "required": True,
     "schema": {"type": "string", "format": "uuid"},
+}
+_RID_PARAM = {
+    "name": "rid",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string", "format": "uuid"},
+    "description": "The revocation's id.",
 }
 _PAGE_PARAMS = [
     {
@@ -450,6 +625,68 @@ _OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
         "summary": "Revoke an SSH key; every later login with it is refused",
         "parameters": [_ID_PARAM],
         "success": ("204", "Revoked.", None),
+        "errors": ["404"],
+    },
+    ("POST", "/v1/ssh-cert-authorities"): {
+        "operationId": "createSshCertAuthority",
+        "summary": "Register an SSH user certificate authority for the organization",
+        "body": ("NewSshCertAuthority", True),
+        "success": (
+            "201",
+            "Registered; certificates it signs open the org's sandboxes from the next login.",
+            "SshCertAuthority",
+        ),
+        "errors": ["400", "409", "413", "415"],
+    },
+    ("GET", "/v1/ssh-cert-authorities"): {
+        "operationId": "listSshCertAuthorities",
+        "summary": "List the organization's active certificate authorities, oldest first",
+        "parameters": list(_PAGE_PARAMS),
+        "success": ("200", "One page of certificate authorities.", "SshCertAuthorityPage"),
+        "errors": ["400"],
+    },
+    ("GET", "/v1/ssh-cert-authorities/{id}"): {
+        "operationId": "getSshCertAuthority",
+        "summary": "Read one certificate authority",
+        "parameters": [_ID_PARAM],
+        "success": ("200", "The certificate authority.", "SshCertAuthority"),
+        "errors": ["404"],
+    },
+    ("PATCH", "/v1/ssh-cert-authorities/{id}"): {
+        "operationId": "updateSshCertAuthority",
+        "summary": "Rename a certificate authority and/or replace its principals",
+        "parameters": [_ID_PARAM],
+        "body": ("SshCertAuthorityUpdate", True),
+        "success": ("200", "The updated certificate authority.", "SshCertAuthority"),
+        "errors": ["400", "404", "413", "415"],
+    },
+    ("DELETE", "/v1/ssh-cert-authorities/{id}"): {
+        "operationId": "deleteSshCertAuthority",
+        "summary": "Revoke a certificate authority; no certificate it signed opens anything",
+        "parameters": [_ID_PARAM],
+        "success": ("204", "Revoked.", None),
+        "errors": ["404"],
+    },
+    ("POST", "/v1/ssh-cert-authorities/{id}/revocations"): {
+        "operationId": "createCertRevocation",
+        "summary": "Revoke the certificates of a CA with a given key id or serial",
+        "parameters": [_ID_PARAM],
+        "body": ("NewCertRevocation", True),
+        "success": ("201", "Revoked from the next login on.", "CertRevocation"),
+        "errors": ["400", "404", "409", "413", "415"],
+    },
+    ("GET", "/v1/ssh-cert-authorities/{id}/revocations"): {
+        "operationId": "listCertRevocations",
+        "summary": "List the certificates a CA revoked, oldest first",
+        "parameters": [_ID_PARAM, *_PAGE_PARAMS],
+        "success": ("200", "One page of revocations.", "CertRevocationPage"),
+        "errors": ["400", "404"],
+    },
+    ("DELETE", "/v1/ssh-cert-authorities/{id}/revocations/{rid}"): {
+        "operationId": "deleteCertRevocation",
+        "summary": "Un-revoke: certificates with that key id or serial are accepted again",
+        "parameters": [_ID_PARAM, _RID_PARAM],
+        "success": ("204", "Deleted.", None),
         "errors": ["404"],
     },
     ("POST", "/v1/api-keys"): {
@@ -552,8 +789,9 @@ _ERROR_REFS = {
     "503": "Unavailable",
 }
 _RESPONSES["Conflict"] = _error(
-    "This public key is already registered for the organization; the message and existing_id "
-    "name the key holding it."
+    "Already there: the public key is already a registered SSH key (`key_already_registered`) "
+    "or certificate authority (`ca_already_registered`) of the organization, or the "
+    "certificate is already revoked (`already_revoked`); the message and existing_id name it."
 )
 # Every authenticated operation can answer these (400: also a request aiohttp cannot parse).
 _ALWAYS = ["400", "401", "403", "429", "500", "503"]
@@ -659,7 +897,8 @@ def document(routes: Iterable[ApiRoute]) -> dict[str, Any]:
         "info": {
             "title": "runtools key API",
             "version": "1",
-            "description": "Register SSH keys, manage API keys and read the audit trail of an "
+            "description": "Register SSH keys and certificate authorities, manage API keys "
+            "and read the audit trail of an "
             "organization. Authenticate with `Authorization: Bearer rt_live_...` (an API key, "
             "for programs) or `Authorization: Bearer <WorkOS session token>` (a member signed "
             "in to the dashboard or the runtools CLI; their roles decide what they may do). "

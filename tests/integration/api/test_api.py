@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
+import asyncssh
 import pytest
 
 from gateway.lab.process import GatewayProcess
@@ -54,7 +56,7 @@ async def register(api: Api, token: str, line: str | None = None, **extra: Any) 
 
 
 def _concrete(path: str) -> str:
-    return path.replace("{id}", str(uuid.uuid4()))
+    return re.sub(r"\{\w+\}", lambda _: str(uuid.uuid4()), path)
 
 
 @pytest.mark.parametrize("route", ROUTES, ids=lambda r: f"{r.method} {r.path}")
@@ -162,6 +164,22 @@ _SCOPE_CASES = [
     (["ssh-key:*"], "PATCH /v1/ssh-keys/{id}", True),
     (["ssh-key:*"], "DELETE /v1/ssh-keys/{id}", True),
     (["ssh-key:*"], "GET /v1/api-keys", False),
+    (["ssh-key:read"], "GET /v1/ssh-cert-authorities", True),
+    (["ssh-key:read"], "GET /v1/ssh-cert-authorities/{id}", True),
+    (["ssh-key:read"], "GET /v1/ssh-cert-authorities/{id}/revocations", True),
+    (["ssh-key:read"], "POST /v1/ssh-cert-authorities", False),
+    (["ssh-key:read"], "PATCH /v1/ssh-cert-authorities/{id}", False),
+    (["ssh-key:read"], "DELETE /v1/ssh-cert-authorities/{id}", False),
+    (["ssh-key:read"], "POST /v1/ssh-cert-authorities/{id}/revocations", False),
+    (["ssh-key:read"], "DELETE /v1/ssh-cert-authorities/{id}/revocations/{rid}", False),
+    (["ssh-key:write"], "POST /v1/ssh-cert-authorities", True),
+    (["ssh-key:*"], "PATCH /v1/ssh-cert-authorities/{id}", True),
+    (["ssh-key:*"], "DELETE /v1/ssh-cert-authorities/{id}", True),
+    (["ssh-key:*"], "POST /v1/ssh-cert-authorities/{id}/revocations", True),
+    (["ssh-key:*"], "DELETE /v1/ssh-cert-authorities/{id}/revocations/{rid}", True),
+    (["api-key:*"], "GET /v1/ssh-cert-authorities", False),
+    (["api-key:*"], "GET /v1/ssh-cert-authorities/{id}", False),
+    (["api-key:*"], "GET /v1/ssh-cert-authorities/{id}/revocations", False),
     (["ssh-key:*"], "POST /v1/api-keys", False),
     (["ssh-key:*"], "DELETE /v1/api-keys/{id}", False),
     (["ssh-key:*"], "POST /v1/api-keys/{id}/rotate", False),
@@ -641,19 +659,43 @@ async def test_another_orgs_resources_answer_404_on_every_endpoint(
     other_admin, other_api_key = await other.api_key(["*"], name="b-admin")
     their_ssh = (await register(api, other_admin, name="theirs")).body["id"]
     their_api = str(other_api_key.id)
+    ca_key = asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
+    their_ca = (
+        await api.call(
+            "POST",
+            "/v1/ssh-cert-authorities",
+            other_admin,
+            json_body={"name": "theirs", "public_key": ca_key},
+        )
+    ).body["id"]
+    their_rid = (
+        await api.call(
+            "POST",
+            f"/v1/ssh-cert-authorities/{their_ca}/revocations",
+            other_admin,
+            json_body={"serial": 1},
+        )
+    ).body["id"]
     by_route: dict[str, tuple[str, Any]] = {
         "GET /v1/ssh-keys/{id}": (their_ssh, None),
         "PATCH /v1/ssh-keys/{id}": (their_ssh, {"name": "pwned"}),
         "DELETE /v1/ssh-keys/{id}": (their_ssh, None),
         "DELETE /v1/api-keys/{id}": (their_api, None),
         "POST /v1/api-keys/{id}/rotate": (their_api, {}),
+        "GET /v1/ssh-cert-authorities/{id}": (their_ca, None),
+        "PATCH /v1/ssh-cert-authorities/{id}": (their_ca, {"principals": ["pwned"]}),
+        "DELETE /v1/ssh-cert-authorities/{id}": (their_ca, None),
+        "POST /v1/ssh-cert-authorities/{id}/revocations": (their_ca, {"serial": 2}),
+        "GET /v1/ssh-cert-authorities/{id}/revocations": (their_ca, None),
+        "DELETE /v1/ssh-cert-authorities/{id}/revocations/{rid}": (their_ca, None),
     }
     for route in ROUTES:
         label = f"{route.method} {route.path}"
         if "{id}" not in route.path:
             continue
         target, body = by_route.pop(label)
-        r = await api.call(route.method, route.path.replace("{id}", target), admin, json_body=body)
+        path = route.path.replace("{id}", target).replace("{rid}", their_rid)
+        r = await api.call(route.method, path, admin, json_body=body)
         assert r.status == 404, (label, r.text)
         assert r.code == "not_found"
     assert not by_route

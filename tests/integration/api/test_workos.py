@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncssh
 import pytest
 
 from gateway.lab.seed import unique
@@ -276,7 +277,28 @@ MATRIX: dict[str, tuple[str, ...]] = {
     "DELETE /v1/api-keys/{id}": (ALL, ALL, NONE, NONE, NONE, NONE, NONE),
     "POST /v1/api-keys/{id}/rotate": (ALL, ALL, NONE, NONE, NONE, NONE, NONE),
     "GET /v1/audit-events": (ALL, ALL, NONE, NONE, NONE, NONE, NONE),
+    # A CA is an organization-wide credential: ssh-key:write:own does not reach it.
+    "POST /v1/ssh-cert-authorities": (ALL, ALL, NONE, NONE, NONE, NONE, NONE),
+    "GET /v1/ssh-cert-authorities": (ALL, ALL, ALL, ALL, ALL, NONE, NONE),
+    "GET /v1/ssh-cert-authorities/{id}": (ALL, ALL, ALL, ALL, ALL, NONE, NONE),
+    "PATCH /v1/ssh-cert-authorities/{id}": (ALL, ALL, NONE, NONE, NONE, NONE, NONE),
+    "DELETE /v1/ssh-cert-authorities/{id}": (ALL, ALL, NONE, NONE, NONE, NONE, NONE),
+    "POST /v1/ssh-cert-authorities/{id}/revocations": (ALL, ALL, NONE, NONE, NONE, NONE, NONE),
+    "GET /v1/ssh-cert-authorities/{id}/revocations": (ALL, ALL, ALL, ALL, ALL, NONE, NONE),
+    "DELETE /v1/ssh-cert-authorities/{id}/revocations/{rid}": (
+        ALL,
+        ALL,
+        NONE,
+        NONE,
+        NONE,
+        NONE,
+        NONE,
+    ),
 }
+
+
+def _ca_line() -> str:
+    return asyncssh.generate_private_key("ssh-ed25519").export_public_key().decode()
 
 
 def test_the_role_matrix_covers_every_operation() -> None:
@@ -290,6 +312,25 @@ async def _request_for(wapi: Api, morg: MemberOrg, label: str) -> tuple[str, str
     body: Any = None
     if path == "/v1/ssh-keys" and method == "POST":
         body = {"name": "laptop", "public_key": public_line()}
+    elif path == "/v1/ssh-cert-authorities" and method == "POST":
+        body = {"name": "ci", "public_key": _ca_line()}
+    elif path.startswith("/v1/ssh-cert-authorities/"):
+        owner = morg.token("owner")
+        created = await wapi.call(
+            "POST",
+            "/v1/ssh-cert-authorities",
+            owner,
+            json_body={"name": "ci", "public_key": _ca_line()},
+        )
+        ca_id = created.body["id"]
+        revoked = await wapi.call(
+            "POST", f"/v1/ssh-cert-authorities/{ca_id}/revocations", owner, json_body={"serial": 1}
+        )
+        path = path.replace("{id}", ca_id).replace("{rid}", revoked.body["id"])
+        if method == "PATCH":
+            body = {"name": "renamed"}
+        elif method == "POST":
+            body = {"serial": 2}
     elif path.startswith("/v1/ssh-keys/"):
         key = await register(wapi, morg.token("owner"))
         path = path.replace("{id}", key["id"])

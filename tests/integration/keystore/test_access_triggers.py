@@ -191,3 +191,43 @@ async def test_notify_payload_from_another_writer_parses(pool: Any, inbox: Inbox
     )
     change, _, _ = await inbox.until(lambda c: c.sandbox_id == sandbox_id)
     assert change.op is None and change.at is None
+
+
+async def test_registering_a_key_or_a_ca_notifies_so_caches_widen_at_once(
+    make_org: Any, pool: Any, database_url: str
+) -> None:
+    """Migration 0005: inserts notify too (op "insert"), for gateways that cache access."""
+    box = Inbox(inserts=True)
+    conn = await keystore_db.connect_raw(database_url)
+    await conn.add_listener(changes.CHANNEL, box.received)
+    try:
+        org = await make_org()
+        key_id, fingerprint = await org.add_key()
+        change, _, _ = await box.until(lambda c: c.key_id == key_id)
+        assert (change.kind, change.op, change.org_id, change.fingerprint) == (
+            "ssh_key",
+            "insert",
+            org.id,
+            fingerprint,
+        )
+        ca_id = await pool.fetchval(
+            "INSERT INTO ssh_cert_authorities (org_id, name, algorithm, bits, fingerprint, "
+            "public_key) SELECT org_id, 'ca', algorithm, bits, fingerprint, public_key "
+            "FROM ssh_keys WHERE id = $1 RETURNING id",
+            key_id,
+        )
+        change, _, _ = await box.until(lambda c: c.key_id == ca_id)
+        assert (change.kind, change.op, change.org_id) == ("cert_authority", "insert", org.id)
+        await pool.execute(
+            "INSERT INTO ssh_cert_revocations (org_id, ca_id, serial) VALUES ($1, $2, 5)",
+            org.id,
+            ca_id,
+        )
+        change, _, _ = await box.until(lambda c: c.key_id == ca_id)
+        assert (change.kind, change.op, change.changed) == (
+            "cert_authority",
+            "update",
+            ("revocations",),
+        )
+    finally:
+        await conn.close()

@@ -109,11 +109,13 @@ class Recorder:
     async def on_subscribed(self) -> None:  # and so does a coroutine function
         self.subscribed += 1
 
-    async def change_for(self, key_id: Any) -> AccessChange:
+    async def change_for(self, key_id: Any, *, inserts: bool = False) -> AccessChange:
+        """The next change naming ``key_id`` (registrations skipped unless ``inserts``)."""
+
         async def go() -> AccessChange:
             while True:
                 change = await self.changes.get()
-                if change.key_id == key_id:
+                if change.key_id == key_id and (inserts or change.op != "insert"):
                     return change
 
         return await asyncio.wait_for(go(), WAIT)
