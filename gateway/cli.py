@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import json
 import sys
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -192,6 +193,163 @@ async def cmd_ssh_key_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_public_key(name: str) -> str:
+    """A public key file's text, or stdin's for ``-``; more than the key size cap is cut so
+    that the parser refuses it as too large without reading a huge file."""
+    limit = keyparse.MAX_PUBLIC_KEY_CHARS + 1
+    if name == "-":
+        return sys.stdin.read(limit)
+    try:
+        with open(name, encoding="utf-8", errors="replace") as file:
+            return file.read(limit)
+    except OSError as exc:
+        raise GatewayError(f"cannot read {name}: {exc.strerror}") from exc
+
+
+def _ca_id(text: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise GatewayError(
+            f"{text[:80]!r} is not a CA id: give the id (a UUID) that ssh-ca list prints"
+        ) from None
+
+
+async def _audit_cli(
+    conn: Any, org_id: uuid.UUID, action: str, target: str, details: dict[str, Any]
+) -> None:
+    from keystore import audit_events
+    from keystore.audit_events import AuditEvent
+
+    event = AuditEvent(
+        action=action, result="ok", org_id=org_id, actor="cli", target=target, details=details
+    )
+    await audit_events.insert_many(conn, [event])
+
+
+async def cmd_ssh_ca_add(args: argparse.Namespace) -> int:
+    """Register a certificate authority: its id on stdout, what it is on stderr."""
+    from keystore import cert_authorities as cas
+
+    config = _config(args)
+    text = _read_public_key(args.file)
+    # Everything is checked before the database is asked.
+    cas.parse_ca_key(text)
+    cas.check_name(args.name)
+    cas.check_principals(args.principal or ())
+    async with keystore_db.connect(config.database.url) as conn:
+        org = await orgs.get_org(conn, args.org)
+        ca = await cas.add_ca(
+            conn,
+            org.id,
+            public_key_line=text,
+            name=args.name,
+            principals=args.principal or (),
+            creator=CLI,
+        )
+        await _audit_cli(
+            conn,
+            org.id,
+            "cli.ssh_ca.create",
+            str(ca.id),
+            {"fingerprint": ca.fingerprint, "name": ca.name, "principals": list(ca.principals)},
+        )
+    print(ca.id)
+    principals = ", ".join(ca.principals) or "none besides the sandbox id"
+    print(
+        f"registered certificate authority {ca.name!r} for {org.slug}: {ca.algorithm} "
+        f"{ca.bits} bits, {ca.fingerprint}; extra principals: {principals}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+async def cmd_ssh_ca_list(args: argparse.Namespace) -> int:
+    from keystore import cert_authorities as cas
+
+    config = _config(args)
+    async with keystore_db.connect(config.database.url) as conn:
+        org = await orgs.get_org(conn, args.org)
+        rows = await cas.list_cas(conn, org.id, include_revoked=args.all, limit=10000)
+    for ca in rows:
+        state = "revoked" if ca.revoked_at else "active"
+        by = f"{ca.created_by_type}:{ca.created_by}" if ca.created_by_type else "unknown"
+        print(
+            f"{ca.id}\t{ca.fingerprint}\t{ca.algorithm}\t{ca.bits}\t{ca.name}\t{state}\t"
+            f"principals {','.join(ca.principals) or '-'}\tcreated by {by}"
+        )
+    return 0
+
+
+async def cmd_ssh_ca_revoke(args: argparse.Namespace) -> int:
+    from keystore import cert_authorities as cas
+
+    config = _config(args)
+    ca_id = _ca_id(args.ca_id)
+    async with keystore_db.connect(config.database.url) as conn:
+        org = await orgs.get_org(conn, args.org)
+        ca = await cas.revoke_ca(conn, org.id, ca_id)
+        await _audit_cli(
+            conn, org.id, "cli.ssh_ca.revoke", str(ca.id), {"fingerprint": ca.fingerprint}
+        )
+    print(f"revoked certificate authority {ca.fingerprint} ({ca.name})")
+    return 0
+
+
+async def cmd_ssh_ca_revoke_cert(args: argparse.Namespace) -> int:
+    """Revoke a CA's certificates by key id or serial: the revocation's id on stdout."""
+    from keystore import cert_authorities as cas
+
+    config = _config(args)
+    ca_id = _ca_id(args.ca_id)
+    cas.check_revocation_target(args.key_id, args.serial)
+    cas.check_reason(args.reason)
+    async with keystore_db.connect(config.database.url) as conn:
+        org = await orgs.get_org(conn, args.org)
+        revocation = await cas.revoke_certificate(
+            conn,
+            org.id,
+            ca_id,
+            cert_key_id=args.key_id,
+            serial=args.serial,
+            reason=args.reason,
+            creator=CLI,
+        )
+        what = (
+            f"key id {revocation.cert_key_id!r}"
+            if revocation.cert_key_id is not None
+            else f"serial {revocation.serial}"
+        )
+        await _audit_cli(
+            conn,
+            org.id,
+            "cli.ssh_ca.revoke_certificate",
+            str(ca_id),
+            {"revocation_id": str(revocation.id), "revoked": what},
+        )
+    print(revocation.id)
+    print(f"revoked the certificates with {what} signed by CA {ca_id}", file=sys.stderr)
+    return 0
+
+
+async def cmd_ssh_ca_revocations(args: argparse.Namespace) -> int:
+    from keystore import cert_authorities as cas
+
+    config = _config(args)
+    ca_id = _ca_id(args.ca_id)
+    async with keystore_db.connect(config.database.url) as conn:
+        org = await orgs.get_org(conn, args.org)
+        rows = await cas.list_revocations(conn, org.id, ca_id, limit=100000)
+    for r in rows:
+        what = f"key-id {r.cert_key_id}" if r.cert_key_id is not None else f"serial {r.serial}"
+        by = f"{r.created_by_type}:{r.created_by}" if r.created_by_type else "unknown"
+        print(
+            f"{r.id}\t{what}\t{r.created_at.isoformat(timespec='seconds')}\t"
+            f"created by {by}\t{r.reason or ''}"
+        )
+    return 0
+
+
 async def cmd_api_key_create(args: argparse.Namespace) -> int:
     """The org's first API key: the secret alone on stdout (once), what it is on stderr."""
     from keystore import api_keys, audit_events, tokens
@@ -242,6 +400,53 @@ async def cmd_upstream_key(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_upstream_ca(args: argparse.Namespace) -> int:
+    """The user CA of upstream certificates: its TrustedUserCAKeys line (stdout) and the
+    sandbox's sshd_config lines (stderr, or stdout with --sshd-config); --generate makes one."""
+    from gateway.upstream import certificates
+
+    if args.generate:
+        try:
+            key = certificates.generate_ca_key(args.generate)
+        except FileExistsError:
+            print(f"runtools-gateway: {args.generate} exists; not overwritten", file=sys.stderr)
+            return 1
+        except OSError as exc:
+            print(f"runtools-gateway: cannot write {args.generate}: {exc}", file=sys.stderr)
+            return 1
+        print(certificates.public_line(key))
+        print(
+            f"created the upstream CA key {args.generate} (mode 0600) and {args.generate}.pub; "
+            f"set upstream.ca_key_file = {str(args.generate)!r} and reload",
+            file=sys.stderr,
+        )
+        return 0
+    if args.sshd_config:
+        print("\n".join(certificates.sshd_config_lines()))
+        return 0
+    path = _config(args).upstream.ca_key_file
+    if not path:
+        print(
+            "runtools-gateway: upstream.ca_key_file is not set: create a CA key with "
+            "`runtools-gateway upstream-ca --generate PATH` and set it",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        key = certificates.read_ca_key(path)
+    except certificates.CaKeyError as exc:
+        print(f"runtools-gateway: upstream.ca_key_file: {exc}", file=sys.stderr)
+        return 1
+    print(certificates.public_line(key))
+    print(
+        f"# Put the line above in the sandbox image's {certificates.TRUSTED_CA_PATH}, and in "
+        "its sshd_config (runtools-gateway upstream-ca --sshd-config prints these):\n"
+        + "\n".join(certificates.sshd_config_lines()),
+        file=sys.stderr,
+    )
+    return 0
+
+
 async def cmd_demo(args: argparse.Namespace) -> int:
     """The demo lives in gateway.lab, which the wheel leaves out (see gateway/lab/__init__.py)."""
     try:
@@ -283,6 +488,17 @@ def build_parser() -> argparse.ArgumentParser:
         "upstream-key",
         cmd_upstream_key,
         "print the public key sandboxes must trust (creates it on first use)",
+    )
+    p = add(
+        "upstream-ca",
+        cmd_upstream_ca,
+        "print the upstream certificate CA's line sandboxes trust (TrustedUserCAKeys)",
+    )
+    p.add_argument(
+        "--sshd-config", action="store_true", help="print the sandbox's sshd_config lines instead"
+    )
+    p.add_argument(
+        "--generate", metavar="PATH", help="create a new ed25519 CA key at PATH (mode 0600)"
     )
     demo = add("demo", cmd_demo, "run a self-contained demo: Postgres, a sandbox and the gateway")
     demo.add_argument("--port", type=int, default=2222, help="SSH port for the demo gateway")
@@ -341,6 +557,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="include revoked keys")
     p = add("revoke", cmd_ssh_key_revoke, "revoke a key by id or SHA256: fingerprint", keys)
     p.add_argument("key", metavar="FINGERPRINT_OR_ID")
+    p.add_argument("--org", required=True)
+
+    ca = sub.add_parser("ssh-ca", help="SSH certificate authorities").add_subparsers(
+        dest="sub", required=True
+    )
+    p = add("add", cmd_ssh_ca_add, "register a user certificate authority's public key", ca)
+    p.add_argument(
+        "file", metavar="PUBKEY_FILE", help="the CA's public key (ca.pub), or - for stdin"
+    )
+    p.add_argument("--org", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument(
+        "--principal",
+        action="append",
+        help="a principal certificates may name besides the sandbox id (repeatable)",
+    )
+    p = add("list", cmd_ssh_ca_list, "list an organization's certificate authorities", ca)
+    p.add_argument("--org", required=True)
+    p.add_argument("--all", action="store_true", help="include revoked CAs")
+    p = add("revoke", cmd_ssh_ca_revoke, "revoke a certificate authority", ca)
+    p.add_argument("ca_id", metavar="CA_ID")
+    p.add_argument("--org", required=True)
+    p = add("revoke-cert", cmd_ssh_ca_revoke_cert, "revoke certificates a CA signed", ca)
+    p.add_argument("ca_id", metavar="CA_ID")
+    p.add_argument("--org", required=True)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--key-id", help="the certificate's key id (ssh-keygen -I)")
+    which.add_argument("--serial", type=int, help="the certificate's serial (ssh-keygen -z)")
+    p.add_argument("--reason")
+    p = add("revocations", cmd_ssh_ca_revocations, "list the certificates a CA revoked", ca)
+    p.add_argument("ca_id", metavar="CA_ID")
     p.add_argument("--org", required=True)
 
     ak = sub.add_parser("api-key", help="API keys").add_subparsers(dest="sub", required=True)

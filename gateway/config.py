@@ -39,6 +39,10 @@ Auto = Literal["auto"]
 # the old value.
 RESTART: Mapping[str, bool] = MappingProxyType({"restart": True})
 
+# Bounds of upstream.certificate_lifetime_seconds (gateway/upstream/certificates.py).
+CERTIFICATE_LIFETIME_MIN_SECONDS = 30
+CERTIFICATE_LIFETIME_MAX_SECONDS = 300
+
 
 @dataclass(frozen=True, slots=True)
 class DatabaseConfig:
@@ -125,6 +129,17 @@ class UpstreamConfig:
     lease_timeout_seconds: float = 10.0
     keepalive_interval_seconds: float = 30.0
     keepalive_count_max: int = 3
+    # Upstream certificates (gateway/upstream/certificates.py): the gateway's user-CA private
+    # key; each dedicated upstream connection (agent and remote forwarding) then presents a
+    # certificate naming its user, so the sandbox's sshd logs who it is. "" = off. The key
+    # files are read at start and on every reload.
+    ca_key_file: str = ""
+    # Validity of each certificate after it is made (it is also valid from 30 s before):
+    # 30..300. sshd checks it at login only; a live connection outlives it.
+    certificate_lifetime_seconds: int = 300
+    # CA public keys, one per line: a sandbox host key in a host certificate signed by one of
+    # them is trusted in addition to the keys pinned in its sandbox row. "" = pinned keys only.
+    host_ca_keys_file: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,6 +357,14 @@ class Config:
         for key, value in positive.items():
             if value <= 0:
                 raise ConfigError(key, "must be greater than 0")
+        lifetime = self.upstream.certificate_lifetime_seconds
+        low, high = CERTIFICATE_LIFETIME_MIN_SECONDS, CERTIFICATE_LIFETIME_MAX_SECONDS
+        if not low <= lifetime <= high:
+            raise ConfigError(
+                "upstream.certificate_lifetime_seconds",
+                f"must be between {low} and {high} seconds (got {lifetime}): an upstream "
+                "certificate is valid for at most 5 minutes",
+            )
         if self.quotas.upstream_share_percent > 100:
             raise ConfigError("quotas.upstream_share_percent", "must be at most 100")
         if self.database.pool_min_size > self.database.pool_max_size:

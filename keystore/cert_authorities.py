@@ -6,7 +6,8 @@ A CA is registered by its plain public key, checked exactly like an SSH key
 65537, no DSA, never a private key, never a certificate) and stored canonically (``TYPE
 BASE64``, the comment apart, the ``SHA256:`` fingerprint). A user certificate it signed opens
 a sandbox of the organization when it names the sandbox id, or one of the CA's extra
-``principals``, among its principals (the login side decides that, keystore/access.py).
+``principals``, among its principals (the login side decides that: gateway/ssh/auth.py
+``decide_certificate``, from keystore/sandboxes.py ``access_for``).
 
 A CA is an organization-wide credential: whoever holds its private key can sign certificates
 for every sandbox of the organization.

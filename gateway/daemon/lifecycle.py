@@ -39,6 +39,7 @@ from gateway.ssh.revocation import Revocation
 from gateway.ssh.runtime import Runtime
 from gateway.ssh.runtime import configure as runtime_configure
 from gateway.ssh.server import GatewayConnection, admission_gate
+from gateway.upstream import certificates as upstream_certificates
 from gateway.upstream import connect as upstream
 from gateway.upstream.pool import PoolLimits, UpstreamPool
 from keystore import db as keystore_db
@@ -168,6 +169,7 @@ class Gateway:
         self.notifier.status("loading host keys")
         host_keys = hostkeys.load_host_keys(config.state.dir)
         upstream_key = hostkeys.load_upstream_key(config.state.dir)
+        upstream_certificates.load(config.upstream)  # the CA key files (ConfigError if bad)
         self.notifier.status("waiting for the database")
         pool = await open_database(config)
         with keystore_db.unavailable_on_failure("first query"):
@@ -369,6 +371,7 @@ class Gateway:
             try:
                 new = Config.load(self.config_path)
                 host_keys = hostkeys.load_host_keys(new.state.dir)
+                upstream_certificates.load(new.upstream)
             except (ConfigError, OSError, asyncssh.KeyImportError, ValueError) as exc:
                 metrics.RELOADS.labels("failed").inc()
                 log.error("reload_failed", error=str(exc))

@@ -44,6 +44,7 @@ _PORT_IN_USE = re.compile(r"address already in use|cannot bind any address", re.
 # Paths go into sshd_config unquoted (and AuthorizedKeysFile is %-expanded): keep them plain.
 _SAFE_PATH = re.compile(r"^[A-Za-z0-9._/+-]+$")
 _ssh_version_cache: dict[str, tuple[int, int] | None] = {}
+_LOG_LEVELS = ("QUIET", "FATAL", "ERROR", "INFO", "VERBOSE", "DEBUG", "DEBUG1", "DEBUG2", "DEBUG3")
 
 
 def _find_sshd() -> str:
@@ -204,6 +205,13 @@ class SandboxSshd:
     :param extra_config: extra ``sshd_config`` lines, appended after the generated ones. sshd
         uses the *first* value it reads for most keywords, so these add settings rather than
         override generated ones.
+    :param trusted_user_ca_keys: CA public key lines for ``TrustedUserCAKeys`` (user
+        certificates signed by them log in as a listed principal); none by default.
+    :param log_level: sshd's ``LogLevel``; ``VERBOSE`` also logs each accepted certificate's
+        key id and serial.
+    :param host_ca_key: a CA private key file (mode 0600): the host key is certified by it
+        (``ssh-keygen -s``) for ``host_certificate_principals`` and served with
+        ``HostCertificate``.
     """
 
     host = "127.0.0.1"
@@ -216,12 +224,24 @@ class SandboxSshd:
         base_dir: str | None = None,
         max_sessions: int = 32,
         extra_config: Sequence[str] = (),
+        trusted_user_ca_keys: Sequence[str] = (),
+        log_level: str = "INFO",
+        host_ca_key: str | None = None,
+        host_certificate_principals: Sequence[str] = ("127.0.0.1",),
     ) -> None:
         if isinstance(authorized_keys, str):
             raise TypeError("authorized_keys must be a sequence of lines, not a str")
         if max_sessions < 1:
             raise ValueError("max_sessions must be >= 1")
         self._authorized_keys = self._check_lines(authorized_keys)
+        if isinstance(trusted_user_ca_keys, str):
+            raise TypeError("trusted_user_ca_keys must be a sequence of lines, not a str")
+        self._trusted_user_ca_keys = self._check_lines(trusted_user_ca_keys)
+        if log_level.upper() not in _LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(_LOG_LEVELS)}")
+        self._log_level = log_level.upper()
+        self._host_ca_key = host_ca_key
+        self._host_certificate_principals = [str(p) for p in host_certificate_principals]
         self._explicit_login_user = login_user is not None
         if login_user is not None:
             self._login_user = login_user
@@ -391,7 +411,14 @@ class SandboxSshd:
             raise RuntimeError(f"ssh-keygen for the sandbox host key failed: {result.stderr}")
         fields = Path(host_key + ".pub").read_text().split()
         self._host_key_line = f"{fields[0]} {fields[1]}"
+        if self._host_ca_key is not None:
+            self._certify_host_key(host_key, deadline)
         self._write_authorized_keys()
+        if self._trusted_user_ca_keys:
+            path = os.path.join(work_dir, "trusted_user_ca_keys")
+            with open(path, "w") as f:
+                f.write("".join(line + "\n" for line in self._trusted_user_ca_keys if line))
+            os.chmod(path, 0o644)
 
         version = _sshd_version(sshd)
         penalties = version is not None and version >= (9, 8)
@@ -401,6 +428,27 @@ class SandboxSshd:
             if self._launch(sshd, port, deadline, last_attempt=attempt == _PORT_ATTEMPTS):
                 self._port = port
                 return
+
+    def _certify_host_key(self, host_key: str, deadline: float) -> None:
+        """``HOST_KEY-cert.pub``: the host key certified by ``host_ca_key``."""
+        assert self._host_ca_key is not None
+        argv = ["ssh-keygen", "-q", "-s", self._host_ca_key, "-I", "sandbox-sshd", "-h"]
+        if self._host_certificate_principals:
+            argv += ["-n", ",".join(self._host_certificate_principals)]
+        argv += ["-V", "-5m:+1d", host_key + ".pub"]
+        try:
+            result = subprocess.run(
+                argv,
+                capture_output=True,
+                text=True,
+                timeout=max(1.0, deadline - time.monotonic()),
+                stdin=subprocess.DEVNULL,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise RuntimeError(f"ssh-keygen -s for the host certificate failed: {exc}") from exc
+        if result.returncode != 0:
+            raise RuntimeError(f"ssh-keygen -s for the host certificate failed: {result.stderr}")
 
     def _write_authorized_keys(self) -> None:
         assert self._work_dir is not None
@@ -417,6 +465,12 @@ class SandboxSshd:
             f"Port {port}",
             f"ListenAddress {self.host}",
             f"HostKey {host_key}",
+            *([f"HostCertificate {host_key}-cert.pub"] if self._host_ca_key is not None else []),
+            *(
+                [f"TrustedUserCAKeys {os.path.join(self._work_dir, 'trusted_user_ca_keys')}"]
+                if self._trusted_user_ca_keys
+                else []
+            ),
             f"PidFile {os.path.join(self._work_dir, 'sshd.pid')}",
             f"AuthorizedKeysFile {os.path.join(self._work_dir, 'authorized_keys')}",
             "PubkeyAuthentication yes",
@@ -432,7 +486,7 @@ class SandboxSshd:
             "AcceptEnv LANG LC_* RT_*",
             f"MaxSessions {self._max_sessions}",
             "MaxStartups 200:30:400",
-            "LogLevel INFO",
+            f"LogLevel {self._log_level}",
             "Subsystem sftp internal-sftp",
             "PrintMotd no",
             "PermitUserEnvironment no",

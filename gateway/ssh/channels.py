@@ -43,6 +43,7 @@ from gateway.relay.session import ClientSide, SessionSummary
 from gateway.ssh import forwarding, quotas
 from gateway.ssh.auth import Accept
 from gateway.ssh.runtime import Runtime
+from gateway.upstream import certificates as upstream_certificates
 from gateway.upstream import connect as upstream_connect
 from gateway.upstream.dedicated import Dedicated
 from gateway.upstream.pool import Lease, LeaseBook
@@ -565,15 +566,49 @@ class Channels:
     async def _open_dedicated(self, agent_path: str | None) -> asyncssh.SSHClientConnection:
         rt = self._rt
         t0 = time.perf_counter()
+        cert = self._upstream_certificate()
         conn = await upstream_connect.connect(
             self.target,
             client_key=rt.upstream_key,
             config=rt.config.upstream,
             agent_path=agent_path,
+            certificate=cert.certificate if cert is not None else None,
         )
         metrics.UPSTREAM_CONNECT.labels("ok").observe(time.perf_counter() - t0)
-        self._log.info("upstream_dedicated_open", seconds=round(time.perf_counter() - t0, 4))
+        self._log.info(
+            "upstream_dedicated_open",
+            seconds=round(time.perf_counter() - t0, 4),
+            certificate_serial=cert.serial if cert is not None else None,
+        )
         return conn
+
+    def _upstream_certificate(self) -> upstream_certificates.UpstreamCertificate | None:
+        """A fresh user certificate naming this connection's user for its dedicated upstream
+        connection (gateway/upstream/certificates.py); None when off or the CA is unusable
+        (the static key alone is offered then)."""
+        accepted = self._accepted
+        try:
+            cert = upstream_certificates.issue(
+                self._rt.config.upstream,
+                self._rt.upstream_key,
+                login_user=accepted.sandbox.login_user,
+                key_fingerprint=accepted.key.fingerprint,
+                org_slug=accepted.sandbox.org_slug,
+                conn_id=self._conn_id,
+            )
+        except (upstream_certificates.CaKeyError, ValueError) as exc:
+            self._log.error("upstream_certificate_failed", error=str(exc))
+            return None
+        if cert is not None:
+            self._log.info(
+                "upstream_certificate",
+                key_id=cert.key_id,
+                serial=cert.serial,
+                principal=cert.principal,
+                valid_after=cert.valid_after,
+                valid_before=cert.valid_before,
+            )
+        return cert
 
     def open_direct_streamlocal(self, dest_path: str) -> Awaitable[TunnelEnd] | None:
         """``ssh -L /local.sock:/remote.sock``: the Unix socket is reached inside the sandbox."""

@@ -27,6 +27,7 @@ from tests.integration.revocation.support import (
     REVOCATION_DEADLINE,
     LiveSession,
     access_ended_line,
+    cli,
     ended_within,
     sql,
     wait_until,
@@ -301,3 +302,38 @@ def test_a_certificates_force_command_and_source_address_are_obeyed(
     assert result.returncode == 255
     ca.sign(user_key, principals=[tenant.sandbox_id], options=["source-address=127.0.0.1/32"])
     assert _login(ssh_client, user_key, tenant.sandbox_id).returncode == 0
+
+
+def test_an_operator_registers_the_ca_and_revokes_a_certificate_with_the_cli(
+    ssh_client: SshClient, tenant: Tenant, user_key: UserKey, tmp_path: Path
+) -> None:
+    """The whole story with the admin CLI: ssh-ca add, log in, ssh-ca revoke-cert, refused."""
+    ca = CA(tmp_path)
+    added = cli(
+        tenant.database_url,
+        "ssh-ca",
+        "add",
+        "--org",
+        tenant.slug,
+        "--name",
+        "ops CA",
+        str(ca.key.pub),
+    )
+    assert added.returncode == 0, added.stderr
+    ca_id = added.stdout.strip()
+    ca.sign(user_key, principals=[tenant.sandbox_id], key_id="carol@example", serial=77)
+    assert _login(ssh_client, user_key, tenant.sandbox_id).returncode == 0
+    revoked = cli(
+        tenant.database_url,
+        "ssh-ca",
+        "revoke-cert",
+        "--org",
+        tenant.slug,
+        ca_id,
+        "--serial",
+        "77",
+    )
+    assert revoked.returncode == 0, revoked.stderr
+    result = _login(ssh_client, user_key, tenant.sandbox_id)
+    assert result.returncode == 255
+    assert REFUSED_HINT in result.stderr
