@@ -118,6 +118,7 @@ async def cmd_sandbox_add(args: argparse.Namespace) -> int:
             login_user=args.user,
             host_keys=host_keys,
             status=args.status,
+            host_ca=args.host_ca,
         )
     print(f"added {args.id} to {org.slug} -> {args.user}@{args.host}:{args.port}")
     return 0
@@ -532,8 +533,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--host-key",
         action="append",
-        required=True,
-        help='pinned host key "ssh-ed25519 AAAA..." (repeatable)',
+        default=[],
+        help='pinned host key "ssh-ed25519 AAAA..." (repeatable; needed unless --host-ca)',
+    )
+    p.add_argument(
+        "--host-ca",
+        action="store_true",
+        help="no pin needed: the host key is trusted through upstream.host_ca_keys_file",
     )
     p.add_argument("--status", choices=sandboxes.STATUSES, default="running")
     p = add("set-status", cmd_sandbox_set_status, "mark a sandbox running or stopped", sb)

@@ -58,7 +58,11 @@ async def add_sandbox(
     login_user: str,
     host_keys: list[str],
     status: str = "running",
+    host_ca: bool = False,
 ) -> None:
+    """Register a sandbox's SSH endpoint. Its host key is pinned (``host_keys``), or with
+    ``host_ca`` and no pins it is trusted only through the gateway's host CA
+    (upstream.host_ca_keys_file; migration 0006)."""
     check_sandbox_id(sandbox_id)
     if not 1 <= upstream_port <= 65535:
         raise InvalidInput(f"port {upstream_port} is out of range 1-65535", code="invalid_port")
@@ -66,8 +70,12 @@ async def add_sandbox(
         raise InvalidInput(f"invalid login user {login_user[:40]!r}", code="invalid_user")
     if status not in STATUSES:
         raise InvalidInput(f"status must be one of {', '.join(STATUSES)}", code="invalid_status")
-    if not host_keys:
-        raise InvalidInput("at least one pinned host key is required", code="no_host_key")
+    if not host_keys and not host_ca:
+        raise InvalidInput(
+            "at least one pinned host key is required (or trust the sandbox through the "
+            "gateway's host CA: --host-ca)",
+            code="no_host_key",
+        )
     with unavailable_on_failure("adding a sandbox"):
         try:
             await db.execute(

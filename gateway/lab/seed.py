@@ -82,6 +82,7 @@ async def _add_sandbox(
         upstream_port=upstream.port,
         login_user=upstream.user,
         host_keys=list(upstream.host_keys),
+        host_ca=not upstream.host_keys,  # no pin: trusted through the gateway's host CA only
     )
 
 

@@ -174,3 +174,20 @@ def test_two_migrators_at_once_apply_each_migration_once(empty_database: str) ->
 
     versions = asyncio.run(go())
     assert versions == [m.version for m in load_migrations()]
+
+
+def test_a_sandbox_needs_a_pin_unless_it_is_trusted_through_the_host_ca(
+    database_url: str,
+) -> None:
+    org = unique("org")
+    assert cli(database_url, "org", "create", org).returncode == 0
+    endpoint = ["--org", org, "--host", "10.0.0.8", "--port", "22", "--user", "dev"]
+    unpinned = unique("sandbox")
+    refused = cli(database_url, "sandbox", "add", unpinned, *endpoint)
+    assert refused.returncode == 1
+    assert "at least one pinned host key is required" in refused.stderr
+    assert "--host-ca" in refused.stderr
+    assert unpinned not in cli(database_url, "sandbox", "list", "--org", org).stdout
+    added = cli(database_url, "sandbox", "add", unpinned, *endpoint, "--host-ca")
+    assert added.returncode == 0, added.stderr
+    assert unpinned in cli(database_url, "sandbox", "list", "--org", org).stdout

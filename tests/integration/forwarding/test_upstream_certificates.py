@@ -393,8 +393,11 @@ def certified_sshds(
             sshd.stop()
 
 
-def unpinned(sshd: SandboxSshd, tmp_path: Path) -> Upstream:
-    """The sandbox's endpoint with some other host key pinned (the keystore wants one)."""
+def unpinned(sshd: SandboxSshd, tmp_path: Path, *, stale_pin: bool = False) -> Upstream:
+    """The sandbox's endpoint with no host key pinned (trusted through the host CA only,
+    migration 0006), or with some other host key pinned (a stale pin)."""
+    if not stale_pin:
+        return Upstream(sshd.host, sshd.port, sshd.login_user, ())
     stranger = make_key(tmp_path, unique("stale-host-key")).public_line
     return Upstream(sshd.host, sshd.port, sshd.login_user, (" ".join(stranger.split()[:2]),))
 
@@ -420,6 +423,11 @@ def test_a_host_certificate_from_the_trusted_host_ca_replaces_the_pin(
     r = client_for(plain, tmp_path).ssh(key, tenant.sandbox_id, "echo nope")
     assert r.returncode == 255
     assert b"presented an unexpected host key" in r.stderr
+
+    # A stale pin beside the certificate changes nothing.
+    stale = tenant.add_sandbox(unpinned(ours_sshd, tmp_path, stale_pin=True))
+    r = client_for(gw, tmp_path).ssh(key, stale, "echo certified")
+    assert r.returncode == 0, r.stderr
 
     # Signed by another CA, not pinned: refused with the host-key message, logged as an error.
     other = tenant.add_sandbox(unpinned(other_sshd, tmp_path))
