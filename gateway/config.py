@@ -238,6 +238,10 @@ class RevocationConfig:
     mode: RevocationMode = field(default="strict", metadata=RESTART)
     # The safety net: every live connection is re-checked this often, changes or not.
     reconcile_interval_seconds: float = field(default=60.0, metadata=RESTART)
+    # Logins answer from an in-memory copy of a sandbox's keys and CAs while the listener is
+    # up (every change drops the copy it concerns); a copy is refetched after this long at the
+    # latest. 0 turns the cache off (every login queries the database).
+    access_cache_seconds: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,6 +368,10 @@ class Config:
                 "upstream.certificate_lifetime_seconds",
                 f"must be between {low} and {high} seconds (got {lifetime}): an upstream "
                 "certificate is valid for at most 5 minutes",
+            )
+        if not 0 <= self.revocation.access_cache_seconds <= 3600:
+            raise ConfigError(
+                "revocation.access_cache_seconds", "must be between 0 (off) and 3600 seconds"
             )
         if self.quotas.upstream_share_percent > 100:
             raise ConfigError("quotas.upstream_share_percent", "must be at most 100")

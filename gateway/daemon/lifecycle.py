@@ -34,6 +34,7 @@ from gateway.daemon import health, metrics, systemd
 from gateway.daemon.sockets import WORKER_INDEX_ENV, inherited_listen_socket
 from gateway.errors import ConfigError
 from gateway.ssh import algorithms, hostkeys
+from gateway.ssh.access import CachedAccess
 from gateway.ssh.proxy_protocol import Listener, ProxySettings
 from gateway.ssh.revocation import Revocation
 from gateway.ssh.runtime import Runtime
@@ -43,7 +44,7 @@ from gateway.upstream import certificates as upstream_certificates
 from gateway.upstream import connect as upstream
 from gateway.upstream.pool import PoolLimits, UpstreamPool
 from keystore import db as keystore_db
-from keystore.changes import ChangeListener
+from keystore.changes import AccessChange, ChangeListener
 from keystore.errors import Unavailable
 
 log = structlog.get_logger("gateway.daemon.lifecycle")
@@ -284,15 +285,28 @@ class Gateway:
             register_key_hint=lambda: rt.config.ssh.register_key_hint,
         )
 
+        # Logins answer from memory while the listener is up; every notification drops the
+        # copies it concerns, and a (re)subscription drops them all (changes may have been
+        # missed while it was away).
+        cache = CachedAccess(
+            rt.access_source(),
+            ttl_seconds=rt.config.revocation.access_cache_seconds,
+            listening=lambda: changes.state == "listening",
+        )
+
         async def subscribed() -> None:
+            cache.clear()
             await revocation.reconcile()
 
-        self._changes = ChangeListener(
-            self.config.database.url, revocation.on_change, on_subscribed=subscribed
-        )
+        def changed(change: AccessChange) -> None:
+            cache.invalidate(change)
+            revocation.on_change(change)
+
+        self._changes = ChangeListener(self.config.database.url, changed, on_subscribed=subscribed)
         changes = self._changes
         revocation.listener_state = lambda: changes.state
         rt.revocation = revocation
+        rt.access = cache
         await changes.start()
         if changes.state != "listening":
             log.error(

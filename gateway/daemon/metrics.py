@@ -40,6 +40,12 @@ AUTH_DECISION = Histogram(
     "Time to load what decides a login (sandbox + org keys), per connection",
     buckets=_LATENCY_BUCKETS,
 )
+ACCESS_CACHE = Counter(
+    "rtgw_access_cache_lookups_total",
+    "Login lookups of a sandbox's access data: answered from memory (hit), from the database "
+    "(miss), or from the database because the cache is off or the listener is down (bypass)",
+    ["result"],
+)
 UPSTREAM_CONNECT = Histogram(
     "rtgw_upstream_connect_seconds",
     "Time to an authenticated connection to the sandbox's sshd",

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
+from gateway.daemon import metrics
 from keystore import sandboxes
 from keystore.changes import AccessChange
 from keystore.db import Executor
@@ -95,13 +96,16 @@ class CachedAccess:
         if self.ttl_seconds <= 0 or not self._listening():
             if self._entries:
                 self.clear()
+            metrics.ACCESS_CACHE.labels("bypass").inc()
             return await self._source.access_for(sandbox_id)
         now = self._clock()
         entry = self._entries.get(sandbox_id)
         if entry is not None and now - entry[1] < self.ttl_seconds:
             self.hits += 1
+            metrics.ACCESS_CACHE.labels("hit").inc()
             return entry[0]
         self.misses += 1
+        metrics.ACCESS_CACHE.labels("miss").inc()
         generation = self._generation
         found = await self._source.access_for(sandbox_id)
         if found is not None and generation == self._generation and self._listening():

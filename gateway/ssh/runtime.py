@@ -10,7 +10,7 @@ from gateway.audit.ratelimit import SourceRateLimit
 from gateway.audit.writer import AuditWriter
 from gateway.config import AdmissionConfig, Config
 from gateway.relay import budget
-from gateway.ssh.access import AccessSource, DatabaseAccess
+from gateway.ssh.access import AccessSource, CachedAccess, DatabaseAccess
 from gateway.ssh.admission import Admission, AdmissionSettings
 from gateway.ssh.registry import Registry
 from gateway.ssh.revocation import Revocation
@@ -67,3 +67,5 @@ def configure(rt: Runtime) -> None:
     rt.admission.reconfigure(admission_settings(rt.config))
     rt.audit_limit.per_minute = rt.config.admission.audit_refusals_per_minute
     budget.BUFFERS.reconfigure(rt.config.ssh.max_buffered_bytes)
+    if isinstance(rt.access, CachedAccess):
+        rt.access.ttl_seconds = rt.config.revocation.access_cache_seconds
