@@ -23,6 +23,7 @@ import os
 import resource
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,9 @@ class Lab:
     key_path: Path | None = None
     ssh_config: Path | None = None
     pool_idle_seconds: float = POOL_IDLE_SECONDS
+    # process.workers for the gateway (RTGW_PROCESS_WORKERS): "1" (one process, the default),
+    # an integer, or "auto" (one worker per usable core, behind a supervisor).
+    workers: str = "1"
 
     # --- bring-up ---
 
@@ -90,10 +94,37 @@ class Lab:
                 "RTGW_SSH_MAX_UNAUTHENTICATED": "1000",
                 "RTGW_DATABASE_POOL_MAX_SIZE": "10",
                 "RTGW_UPSTREAM_POOL_IDLE_SECONDS": f"{self.pool_idle_seconds:g}",
+                "RTGW_PROCESS_WORKERS": self.workers,
             },
         ).start()
+        self.wait_for_workers()
         self._write_ssh_config()
         return self
+
+    def wait_for_workers(self, timeout: float = 30.0) -> None:
+        """With several workers, the first banner comes from whichever bound first: wait for
+        the supervisor's ``workers_ready`` (every worker serving SSH), so the kernel spreads
+        the bench's connections over all of them."""
+        assert self.gateway is not None
+        if self.workers == "1":
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if b'"workers_ready"' in self.gateway.log_path.read_bytes():
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"gateway workers not ready within {timeout:g} s")
+
+    def gateway_pids(self) -> list[int]:
+        """The gateway process and its descendants (the workers under a supervisor)."""
+        out, todo = [], [self.gateway_pid]
+        while todo:
+            pid = todo.pop()
+            out.append(pid)
+            with contextlib.suppress(OSError):
+                for task in Path(f"/proc/{pid}/task").iterdir():
+                    todo += [int(c) for c in (task / "children").read_text().split()]
+        return out
 
     @staticmethod
     async def _seed(dsn: str, upstream: Upstream, user_key: UserKey) -> Tenant:

@@ -136,6 +136,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime (fields 14, 15)
 
 
+def gateway_cpu_seconds(lab: Lab) -> float:
+    """CPU-seconds of the gateway: the process, plus its workers under a supervisor."""
+    total = 0.0
+    for pid in lab.gateway_pids():
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(pid)
+    return total
+
+
 def machine_info() -> dict[str, Any]:
     model = ""
     with contextlib.suppress(OSError):
@@ -188,7 +197,7 @@ def transfer(lab: Lab, path: str, direction: str, size: int) -> tuple[float, flo
     else:
         cmd = lab.ssh_cmd(path, f"head -c {size} /dev/zero | cat")
         src, stdin, stdout = None, subprocess.DEVNULL, subprocess.PIPE
-    cpu0 = cpu_seconds(lab.gateway_pid)
+    cpu0 = gateway_cpu_seconds(lab)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdin=stdin, stdout=stdout, stderr=subprocess.PIPE)
     received = 0
@@ -198,7 +207,7 @@ def transfer(lab: Lab, path: str, direction: str, size: int) -> tuple[float, flo
             received += len(chunk)
     _, err = proc.communicate(timeout=1200)
     elapsed = time.perf_counter() - t0
-    cpu = cpu_seconds(lab.gateway_pid) - cpu0
+    cpu = gateway_cpu_seconds(lab) - cpu0
     if src is not None:
         src.wait()
     if proc.returncode != 0 or (direction == "down" and received != size):
@@ -661,8 +670,15 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--smoke", action="store_true", help="tiny sizes: checks the bench runs")
     parser.add_argument("--only", help=f"comma-separated subset of: {','.join(PARTS)}")
     parser.add_argument("--json", type=Path, help="write results here (default bench/results/)")
+    parser.add_argument(
+        "--workers",
+        default="1",
+        help='the gateway\'s process.workers: 1 (default), N or "auto" (one per core)',
+    )
     args = parser.parse_args(argv)
     profile = PROFILES["smoke" if args.smoke else "quick" if args.quick else "full"]
+    if args.workers != "auto" and not (args.workers.isdigit() and int(args.workers) >= 1):
+        parser.error(f'--workers must be "auto" or an integer >= 1 (got {args.workers!r})')
     only = {ALIASES.get(n, n) for n in args.only.split(",")} if args.only else None
     if only and only - set(PARTS):
         parser.error(f"unknown --only part(s): {','.join(sorted(only - set(PARTS)))}")
@@ -679,18 +695,24 @@ def main(argv: list[str] | None = None) -> int:
         },
     )
     say(f"bringing up PostgreSQL, sandbox sshd and gateway (profile {profile.name}) ...")
-    lab = Lab(pool_idle_seconds=profile.pool_idle_seconds)
+    lab = Lab(pool_idle_seconds=profile.pool_idle_seconds, workers=args.workers)
     results.raw["pool_idle_seconds"] = profile.pool_idle_seconds
+    results.raw["workers"] = args.workers
+    results.raw["loadavg_start"] = os.getloadavg()
     try:
         lab.start()
         measure(lab, profile, results, only)
     finally:
         lab.stop()
+    results.raw["loadavg_end"] = os.getloadavg()
     m = results.machine
+    load0, load1 = results.raw["loadavg_start"][0], results.raw["loadavg_end"][0]
     print(TABLE_MARK)
     print(
         f"profile {profile.name}; {m['cpus']} CPUs ({m['cpu_model']}), Linux {m['kernel']}, "
-        f"Python {m['python']}, asyncssh {m['asyncssh']}, {m['openssh']}"
+        f"Python {m['python']}, asyncssh {m['asyncssh']}, {m['openssh']}; gateway "
+        f"process.workers = {args.workers}; load average (1 min) {load0:.2f} at the start, "
+        f"{load1:.2f} at the end"
     )
     print(
         f"client: -c {CIPHER} -o KexAlgorithms={KEX} (every hop, -J included); gateway upstream "

@@ -37,13 +37,46 @@ disconnect path ends there) flushes first, so a DISCONNECT is never lost. Order 
 everything goes through ``_send``. Bytes queued here are not yet in the transport's buffer, so
 the transport's high-water check (and ``pause-writing-reaches-channels``) cannot see them: once
 ``FLUSH_AT`` bytes are queued they are written at once, which bounds what one turn can add
-unseen. Upstream-worthy.
+unseen. A read callback of a connection also writes out what it queued before it returns
+(``_flush_queued``, see ``bounded-work-per-read``). Upstream-worthy.
 
 ``receive-buffer-read-offset``: asyncssh consumes its receive buffer with
 ``self._inpbuf = self._inpbuf[n:]`` for each packet header and body, copying the whole rest of a
 (up to 256 KiB) read per 32 KiB packet. ``_recv_pkthdr``/``_recv_packet`` now see a buffer
 holding exactly the bytes they consume, cut at a read offset; ``data_received`` drops the
 consumed prefix once per read. Upstream-worthy (keep an offset, or a bytearray).
+
+``bounded-work-per-read``: asyncssh's ``data_received`` processes every complete packet of a
+read in the callback that read it: up to 256 KiB (asyncio's read size), about 8 full data
+packets, each decrypted, relayed, re-encrypted and sent before the event loop looks at any
+other socket. Beside a bulk upload, an interactive connection's keystroke so waited behind
+whole reads of its neighbour, on every hop (issue 14: interactive echo p99 +25..31 ms over
+direct). Now a connection's packets are processed in batches of ``READ_BUDGET`` (64 KiB: two
+full data packets; a packet counts as at least ``MIN_PACKET_COST``, so at most 32 small ones).
+The check sits in the read-offset patch's ``_recv_pkthdr``, before a packet is started, so a
+packet is never split. After each batch the connection peeks at the loop (``_others_waiting``:
+a zero-timeout ``select`` on the loop's selector, which epoll, level-triggered, reports again
+to the loop; sockets that are only writable are left out) and at the other connections'
+backlogs. Nobody else waiting: the next batch follows at once, so a lone bulk transfer costs
+what it did (no extra turn, no pause). Someone waiting: the rest stays in the receive buffer,
+in order, and a ``loop.call_soon`` callback (``_next_turn``) goes on with it, one batch per
+event-loop turn, so other connections' callbacks and timers run in between; until that
+backlog is done, reading the peer is paused (asyncio transports only: ``is_reading``), so it
+cannot grow. Reading is resumed only when neither this backlog nor
+``pause-writing-reaches-channels`` (its ``_rtgw_reading_held``) holds it: whichever ends last
+resumes it. A connection closed meanwhile drops its backlog as asyncssh drops its buffer
+(``_transport`` is None: nothing more runs); an EOF (asyncssh closes the connection on it)
+first processes the whole backlog, as asyncssh would have in the callbacks that received it. A
+packet with an asynchronous handler (key exchange, auth) still holds the connection's later
+packets until its task ends, as in asyncssh, which then goes on through ``_recv_data``, i.e.
+with a fresh budget. At the end of each read callback, whatever it queued on any connection
+(coalesce-transport-writes) is written at once instead of a turn later, after the neighbour's
+next batch; ``FLUSH_AT`` is unchanged. The peek reads ``loop._selector``, an asyncio internal:
+a loop without one (not a selector loop) is always treated as busy, i.e. batches always yield.
+Cost (bench/README.md, "Scheduling: bounded work per read"): a relay's other leg has something
+to read every few packets (window adjusts), so bulk transfers do yield, ~5-15 % of their
+throughput and CPU; interactive echo p99 beside bulk went from +6.4 to +1.8..2.4 ms over
+direct. Upstream-worthy (bound the packets per ``data_received``; asyncssh owns the loop).
 
 ``ignore-padding-only-for-cbc``: asyncssh sends an empty SSH_MSG_IGNORE ahead of every post-kex
 packet (the CBC-era countermeasure against predictable IVs), doubling the packets encrypted and
@@ -130,7 +163,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 import re
+import selectors
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from ipaddress import ip_address
@@ -281,12 +317,50 @@ def _install_refuse_sha1(patch: Patch) -> None:
     cls.validate_public_key = validate_public_key
 
 
+# Class defaults, for every connection whichever patches are installed (``_flush``, the read
+# path and ``resume_writing`` read them): write pause, reading held by it, read offset, this
+# batch's read budget (unbounded unless bounded-work-per-read sets one), and that patch's state.
+_CONN_DEFAULTS: dict[str, Any] = {
+    "_rtgw_write_paused": False,
+    "_rtgw_reading_held": False,
+    "_rtgw_pos": 0,
+    "_rtgw_budget": math.inf,
+    "_rtgw_over_budget": False,
+    "_rtgw_yielded": False,
+    "_rtgw_turn_scheduled": False,
+}
+
+
+def _set_defaults(cls: Any) -> None:
+    for attr, value in _CONN_DEFAULTS.items():
+        setattr(cls, attr, value)
+
+
 # --- coalesce-transport-writes --------------------------------------------------------------
 
 
 # Queued bytes are written at once when they reach this much, so that the transport's
 # high-water check sees them within the turn (see pause-writing-reaches-channels).
 FLUSH_AT = 256 * 1024
+
+
+# Connections with queued bytes, in the order they queued them: bounded-work-per-read (once
+# installed: ``_FLUSH_AFTER_READS``) flushes them at the end of each read callback, so that
+# what it relays goes out in that callback, not in the loop's next turn (``_flush`` via
+# call_soon, which then finds nothing).
+_QUEUED: list[Any] = []
+_FLUSH_AFTER_READS = False
+
+
+def _flush_queued(loop: Any) -> None:
+    """Flush every connection of ``loop`` with queued bytes (see ``_QUEUED``)."""
+    if not _QUEUED:
+        return
+    queued = _QUEUED[:]
+    _QUEUED.clear()
+    for conn in queued:
+        if conn._loop is loop:
+            _flush(conn)  # the call_soon'd flush then finds nothing
 
 
 def _flush(conn: Any) -> None:
@@ -310,8 +384,7 @@ def _install_coalesced_writes(patch: Patch) -> None:
     original_force_close = patch.original("_force_close")
     cls._rtgw_pending = None  # class defaults: no instance needs __init__ changes
     cls._rtgw_pending_size = 0
-    for attr, value in _CONN_DEFAULTS.items():
-        setattr(cls, attr, value)
+    _set_defaults(cls)
 
     def _send(self: Any, data: bytes) -> None:
         if not self._transport:
@@ -322,6 +395,8 @@ def _install_coalesced_writes(patch: Patch) -> None:
             self._rtgw_pending_size = len(data)
             loop: asyncio.AbstractEventLoop = self._loop
             loop.call_soon(_flush, self)
+            if _FLUSH_AFTER_READS:
+                _QUEUED.append(self)
         else:
             pending.append(data)
             self._rtgw_pending_size += len(data)
@@ -340,12 +415,19 @@ def _install_coalesced_writes(patch: Patch) -> None:
 # --- receive-buffer-read-offset -------------------------------------------------------------
 
 
+def _release_consumed(conn: Any) -> None:
+    """Everything received has been consumed: keep no read buffer while idle."""
+    if conn._rtgw_pos and conn._rtgw_pos >= len(conn._inpbuf):
+        conn._inpbuf = b""
+        conn._rtgw_pos = 0
+
+
 def _install_read_offset(patch: Patch) -> None:
     cls: Any = patch.target
     original_pkthdr = patch.original("_recv_pkthdr")
     original_packet = patch.original("_recv_packet")
     original_data_received = patch.original("data_received")
-    cls._rtgw_pos = 0
+    _set_defaults(cls)
 
     def _consume(self: Any, handler: Any, size: int) -> bool:
         # Hand the original handler a buffer of exactly the bytes it consumes; it then sets
@@ -366,12 +448,15 @@ def _install_read_offset(patch: Patch) -> None:
         size = self._recv_blocksize
         if len(self._inpbuf) - self._rtgw_pos < size:
             return False
+        if self._rtgw_budget <= 0 and _over_budget(self):  # see bounded-work-per-read
+            return False
         return _consume(self, original_pkthdr, size)
 
     def _recv_packet(self: Any) -> bool:
         size = 4 + self._pktlen + self._recv_macsize - self._recv_blocksize
         if len(self._inpbuf) - self._rtgw_pos < size:
             return False
+        self._rtgw_budget -= max(size + self._recv_blocksize, MIN_PACKET_COST)
         return _consume(self, original_packet, size)
 
     def data_received(self: Any, data: bytes, datatype: Any = None) -> None:
@@ -380,13 +465,131 @@ def _install_read_offset(patch: Patch) -> None:
             self._inpbuf = self._inpbuf[pos:]
             self._rtgw_pos = 0
         original_data_received(self, data, datatype)
-        if self._rtgw_pos and self._rtgw_pos >= len(self._inpbuf):
-            self._inpbuf = b""  # everything consumed: keep no read buffer while idle
-            self._rtgw_pos = 0
+        _release_consumed(self)
 
     cls._recv_pkthdr = _recv_pkthdr
     cls._recv_packet = _recv_packet
     cls.data_received = data_received
+
+
+# --- bounded-work-per-read --------------------------------------------------------------------
+
+
+# While other connections wait, at most this much of one connection's received data is
+# processed per event-loop turn (two full 32 KiB data packets) ...
+READ_BUDGET = 64 * 1024
+# ... and at most READ_BUDGET // MIN_PACKET_COST packets: a smaller packet counts as this much.
+MIN_PACKET_COST = 2 * 1024
+
+# Connections with a backlog waiting for their next turn (``_next_turn`` scheduled).
+_BACKLOGGED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _others_waiting(conn: Any) -> bool:
+    """Whether anything else wants the loop: another connection's backlog, or a socket other
+    than this connection's own with something to read (a peek: epoll is level-triggered, so
+    the loop's own ``select`` sees the same events again; sockets that can be written to are
+    left out: a transport's write buffer drains in the same turn anyway, and counting them
+    makes a bulk relay, whose other leg is often writable, yield all the time). Not a
+    selector loop: always yes."""
+    if len(_BACKLOGGED) > (conn in _BACKLOGGED):
+        return True
+    selector = getattr(conn._loop, "_selector", None)
+    if selector is None:
+        return True
+    try:
+        ready = selector.select(0)
+    except (OSError, ValueError):
+        return True
+    own = conn._rtgw_fd
+    return any(events & selectors.EVENT_READ and key.fd != own for key, events in ready)
+
+
+def _over_budget(conn: Any) -> bool:
+    """This batch's budget is spent: stop here (the rest waits for a later turn) when others
+    want the loop, else start a new batch at once."""
+    if _others_waiting(conn):
+        conn._rtgw_over_budget = True
+        return True
+    conn._rtgw_budget = READ_BUDGET
+    return False
+
+
+def _own_fd(transport: Any) -> int:
+    sock = transport.get_extra_info("socket")
+    try:
+        return int(sock.fileno()) if sock is not None else -1
+    except (AttributeError, OSError, ValueError):
+        return -1
+
+
+def _yield_turn(conn: Any) -> None:
+    """Over budget with received packets left and others waiting: go on in a later turn, and
+    stop reading the peer until then so the backlog cannot grow."""
+    transport = conn._transport
+    if transport is None:
+        return
+    if not conn._rtgw_turn_scheduled:
+        conn._rtgw_turn_scheduled = True
+        _BACKLOGGED.add(conn)
+        loop: asyncio.AbstractEventLoop = conn._loop
+        loop.call_soon(_next_turn, conn)
+    # Only asyncio transports: a transport without is_reading (an SSH channel tunnelling this
+    # connection) delivers one packet per call, processed in order by data_received anyway.
+    if not conn._rtgw_yielded and hasattr(transport, "is_reading"):
+        conn._rtgw_yielded = True
+        transport.pause_reading()
+
+
+def _next_turn(conn: Any) -> None:
+    """The next batch of the backlog; once it is done, read the peer again (unless
+    pause-writing-reaches-channels holds reading: its resume_writing resumes it then)."""
+    conn._rtgw_turn_scheduled = False
+    _BACKLOGGED.discard(conn)
+    if conn._transport is None:  # closed meanwhile: asyncssh's cleanup drops the buffer
+        conn._rtgw_yielded = False
+        return
+    conn._recv_data()  # asyncssh's loop (with our budget), its error handling included
+    if conn._rtgw_turn_scheduled:
+        return  # still over budget: the turn after goes on
+    _release_consumed(conn)
+    if conn._rtgw_yielded:
+        conn._rtgw_yielded = False
+        transport = conn._transport
+        if transport is not None and not conn._rtgw_reading_held:
+            transport.resume_reading()
+
+
+def _install_bounded_reads(patch: Patch) -> None:
+    cls: Any = patch.target
+    original_recv_data = patch.original("_recv_data")
+    original_eof_received = patch.original("eof_received")
+    global _FLUSH_AFTER_READS
+    _set_defaults(cls)
+    cls._rtgw_fd = None
+    _FLUSH_AFTER_READS = True
+
+    def _recv_data(self: Any) -> None:
+        if self._rtgw_fd is None and self._transport is not None:
+            self._rtgw_fd = _own_fd(self._transport)
+        self._rtgw_budget = READ_BUDGET
+        self._rtgw_over_budget = False
+        original_recv_data(self)
+        if self._rtgw_over_budget:
+            self._rtgw_over_budget = False
+            _yield_turn(self)
+        _flush_queued(self._loop)  # what this callback relayed goes out now, not next turn
+
+    def eof_received(self: Any) -> None:
+        # What was received before the EOF is processed first, as asyncssh does in the
+        # callback that receives it; then asyncssh closes the connection.
+        if self._inpbuf and self._transport is not None:
+            self._rtgw_budget = math.inf
+            original_recv_data(self)
+        original_eof_received(self)
+
+    cls._recv_data = _recv_data
+    cls.eof_received = eof_received
 
 
 # --- ignore-padding-only-for-cbc ------------------------------------------------------------
@@ -536,9 +739,6 @@ def _install_guessed_kex(patch: Patch) -> None:
 # so only such answers get here) we stop reading the peer until the buffer drains.
 READ_PAUSE_AT = 1024 * 1024
 
-# Class defaults, for every connection whichever patches are installed (``_flush`` reads them).
-_CONN_DEFAULTS = {"_rtgw_write_paused": False, "_rtgw_reading_held": False}
-
 
 def _hold_reading_if_flooded(conn: Any, transport: Any) -> None:
     if transport.get_write_buffer_size() > READ_PAUSE_AT:
@@ -561,7 +761,8 @@ def _install_pause_writing(patch: Patch) -> None:
         self._rtgw_write_paused = False
         if self._rtgw_reading_held:
             self._rtgw_reading_held = False
-            if self._transport is not None:
+            # Not while bounded-work-per-read has a backlog: it resumes once that is done.
+            if self._transport is not None and not self._rtgw_yielded:
                 self._transport.resume_reading()
         channels = list(self._channels.values())
         if not channels:
@@ -579,8 +780,7 @@ def _install_pause_writing(patch: Patch) -> None:
                 self.internal_error()
                 return
 
-    for attr, value in _CONN_DEFAULTS.items():
-        setattr(cls, attr, value)
+    _set_defaults(cls)
     cls.pause_writing = pause_writing
     cls.resume_writing = resume_writing
 
@@ -640,6 +840,18 @@ PATCHES: tuple[Patch, ...] = (
         target=_CONN,
         originals=_originals(_CONN, "_recv_pkthdr", "_recv_packet", "data_received"),
         install=_install_read_offset,
+    ),
+    Patch(
+        name="bounded-work-per-read",
+        upstream=(
+            "SSHConnection.data_received (via _recv_data) processes every complete packet of "
+            "a read (up to 256 KiB, ~8 full data packets: decrypt, relay, encrypt, send) in "
+            "one callback, so one busy connection holds the event loop while every other "
+            "connection's packets wait"
+        ),
+        target=_CONN,
+        originals=_originals(_CONN, "_recv_data", "eof_received"),
+        install=_install_bounded_reads,
     ),
     Patch(
         name="ignore-padding-only-for-cbc",

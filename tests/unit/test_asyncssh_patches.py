@@ -19,6 +19,7 @@ import importlib
 import inspect
 import json
 import os
+import socket
 import subprocess
 import sys
 import tomllib
@@ -46,6 +47,8 @@ STREAM_PACKETS = 64  # full 32 KiB data packets
 SINK_WINDOW = 256 * 1024
 HUGE_WINDOW = 2**31 - 1  # what a client that wants the gateway to buffer advertises
 UNREAD_STREAM = 32 * 1024 * 1024
+FLOOD = 8 * 1024 * 1024  # streamed by one connection while another makes 1-byte echoes
+DATA_PACKET = 32768  # payload of a full data packet (asyncssh's default maximum)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -271,6 +274,123 @@ async def _slow_sink_peak(window: int) -> tuple[int, int]:
     return sink.received, peak
 
 
+class _Recorder(asyncssh.SSHServerSession[bytes]):
+    """Hashes what the client sends (so order is checked too); ``echo`` also sends it back."""
+
+    sessions: list[_Recorder] = []
+
+    def __init__(self) -> None:
+        self.chan: Any = None
+        self.command: str | None = None
+        self.digest = hashlib.sha256()
+        self.received = 0
+        _Recorder.sessions.append(self)
+
+    def connection_made(self, chan: Any) -> None:
+        self.chan = chan
+
+    def shell_requested(self) -> bool:
+        return True
+
+    def exec_requested(self, command: str) -> bool:
+        self.command = command
+        return True
+
+    def data_received(self, data: bytes, datatype: Any) -> None:
+        self.received += len(data)
+        self.digest.update(data)
+        if self.command == "echo":
+            self.chan.write(data)
+
+    def eof_received(self) -> bool:
+        self.chan.exit(0)
+        return False
+
+
+class _RecorderServer(_NoAuth):
+    def session_requested(self) -> _Recorder:
+        return _Recorder()
+
+
+@contextlib.asynccontextmanager
+async def _recording() -> AsyncIterator[int]:
+    key = asyncssh.generate_private_key("ssh-ed25519")
+    options: Any = {**common_options(), "encryption_algs": GCM}
+    acceptor = await asyncssh.listen(
+        "127.0.0.1",
+        0,
+        server_host_keys=[key],
+        server_factory=_RecorderServer,
+        encoding=None,
+        **options,
+    )
+    try:
+        yield acceptor.get_port()
+    finally:
+        acceptor.close()
+        await acceptor.wait_closed()
+
+
+def _unprocessed(conn: Any) -> int:
+    """Bytes received on ``conn`` and not yet processed (0 offset where apply() never ran)."""
+    return len(conn._inpbuf) - getattr(conn, "_rtgw_pos", 0)
+
+
+async def _flood(size: int) -> dict[str, Any]:
+    """One connection streams ``size`` random bytes into a server session while a second one
+    makes 1-byte echoes, until the stream is in. Reports, on the server: the most stream bytes
+    one read callback (a call of ``_recv_data``) of the flooding connection delivered; how many
+    echo packets were processed while the flooding connection had more than two full packets
+    received but not yet processed; and whether the stream and the echoes arrived intact."""
+    _NoAuth.conns.clear()
+    _Recorder.sessions.clear()
+    payload = os.urandom(size)
+    async with _recording() as port:
+        async with await _connect(port, GCM) as bulk, await _connect(port, GCM) as interactive:
+            flooded: Any = _NoAuth.conns[0]
+            echoing: Any = _NoAuth.conns[1]
+            bulk_chan, _ = await bulk.create_session(
+                asyncssh.SSHClientSession, "sink", encoding=None
+            )
+            sink = _Recorder.sessions[-1]
+            echo = await interactive.create_process("echo", encoding=None)
+            per_read: list[int] = []
+            beside_backlog = 0
+            flood_recv, echo_recv = flooded._recv_data, echoing._recv_data
+
+            def flood_read() -> None:
+                before = sink.received
+                flood_recv()
+                per_read.append(sink.received - before)
+
+            def echo_read() -> None:
+                nonlocal beside_backlog
+                seq = echoing._recv_seq
+                echo_recv()
+                if echoing._recv_seq != seq and _unprocessed(flooded) > 2 * DATA_PACKET + 1024:
+                    beside_backlog += 1
+
+            flooded._recv_data = flood_read  # both the transport's callback and later turns
+            echoing._recv_data = echo_read
+            bulk_chan.write(payload)
+            bulk_chan.write_eof()
+            echoes = b""
+            while sink.received < size:
+                echo.stdin.write(b"e")
+                echoes += await asyncio.wait_for(echo.stdout.readexactly(1), 10)
+            await asyncio.wait_for(bulk_chan.wait_closed(), 10)
+            echo.stdin.write_eof()
+    return {
+        "max_stream_bytes_per_read": max(per_read),
+        "reads": len(per_read),
+        "echoes": len(echoes),
+        "echoes_beside_backlog": beside_backlog,
+        "intact": sink.received == size
+        and sink.digest.digest() == hashlib.sha256(payload).digest()
+        and echoes == b"e" * len(echoes),
+    }
+
+
 class _Counting(asyncssh.SSHClientSession[bytes]):
     def __init__(self) -> None:
         self.received = 0
@@ -485,6 +605,175 @@ async def test_a_peer_that_makes_us_write_past_the_read_pause_mark_is_not_read_u
         assert (await conn.run("echo", input=b"still here", encoding=None)).stdout == b"still here"
 
 
+@pytest.fixture
+def others_waiting(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bool]]:
+    """Decide what bounded-work-per-read's peek at the loop answers: ``[True]``, someone else
+    always wants the loop; ``[False]``, nobody does; ``[]`` (the default), the real peek."""
+    answer: list[bool] = []
+    real = asyncssh_patches._others_waiting
+    monkeypatch.setattr(
+        asyncssh_patches, "_others_waiting", lambda conn: answer[0] if answer else real(conn)
+    )
+    yield answer
+
+
+async def test_a_flooding_connection_is_processed_in_bounded_turns_and_others_go_between(
+    others_waiting: list[bool],
+) -> None:
+    """While others want the loop, one read callback handles at most READ_BUDGET of a
+    connection (unpatched: the whole 256 KiB read, see the canary); the rest waits for later
+    turns, other connections' packets are processed in between, and the stream still arrives
+    whole and in order."""
+    others_waiting.append(True)
+    flood = await _flood(FLOOD)
+    assert flood["intact"]
+    assert flood["max_stream_bytes_per_read"] <= asyncssh_patches.READ_BUDGET
+    assert flood["echoes"] > 0
+    # An echo handled while the flooding connection had whole packets waiting: it did not
+    # queue behind them (impossible unpatched, where a callback processes all it received).
+    assert flood["echoes_beside_backlog"] > 0
+
+
+async def test_with_the_real_peek_echoes_still_go_between_a_flood(
+    others_waiting: list[bool],
+) -> None:
+    flood = await _flood(FLOOD)
+    assert flood["intact"]
+    assert flood["echoes_beside_backlog"] > 0
+
+
+async def test_a_connection_alone_is_not_cut_into_turns(others_waiting: list[bool]) -> None:
+    """Nobody else wants the loop: a read is processed whole in its callback, as upstream
+    does (no pause, no extra turn: the bound costs nothing to a lone bulk transfer)."""
+    others_waiting.append(False)
+    flood = await _flood(FLOOD)
+    assert flood["intact"]
+    assert flood["max_stream_bytes_per_read"] > 2 * asyncssh_patches.READ_BUDGET
+    assert flood["echoes_beside_backlog"] == 0
+
+
+class _PeekingConn:
+    """What ``_others_waiting`` reads of a connection (weakly referable, as connections are)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
+        self._loop = loop
+        self._rtgw_fd = fd
+
+
+async def test_the_peek_counts_other_readable_sockets_and_backlogs_only() -> None:
+    loop = asyncio.get_running_loop()
+    own, own_peer = socket.socketpair()
+    other, other_peer = socket.socketpair()
+    conn = _PeekingConn(loop, own.fileno())
+    try:
+        for sock in (own, other):
+            loop.add_reader(sock, lambda: None)
+        loop.add_writer(other_peer, lambda: None)  # writable, always: not a reason to yield
+        assert not asyncssh_patches._others_waiting(conn)
+        own_peer.send(b"x")  # our own socket readable: more for us, not someone else
+        assert not asyncssh_patches._others_waiting(conn)
+        other_peer.send(b"x")
+        assert asyncssh_patches._others_waiting(conn)
+        other.recv(1)
+        assert not asyncssh_patches._others_waiting(conn)
+        backlogged = _PeekingConn(loop, -1)
+        asyncssh_patches._BACKLOGGED.add(backlogged)  # another connection waits for a turn
+        assert asyncssh_patches._others_waiting(conn)
+        asyncssh_patches._BACKLOGGED.discard(backlogged)
+        asyncssh_patches._BACKLOGGED.add(conn)  # our own backlog does not count
+        assert not asyncssh_patches._others_waiting(conn)
+        asyncssh_patches._BACKLOGGED.discard(conn)
+    finally:
+        for sock in (own, other):
+            loop.remove_reader(sock)
+        loop.remove_writer(other_peer)
+        for sock in (own, own_peer, other, other_peer):
+            sock.close()
+
+
+async def test_what_a_read_callback_relays_is_written_before_it_returns() -> None:
+    """Replies queued while handling a read go out at the end of that callback, not a turn
+    later (which, beside a bulk transfer, is after another batch of it)."""
+    _NoAuth.conns.clear()
+    async with _recording() as port, await _connect(port, GCM) as conn:
+        echo = await conn.create_process("echo", encoding=None)
+        server: Any = _NoAuth.conns[-1]
+        real = server._recv_data
+        left_queued: list[bool] = []
+
+        def recv_data() -> None:
+            seq = server._recv_seq
+            real()
+            if server._recv_seq != seq:
+                left_queued.append(server._rtgw_pending is not None)
+
+        server._recv_data = recv_data
+        for _ in range(20):
+            echo.stdin.write(b"e")
+            assert await asyncio.wait_for(echo.stdout.readexactly(1), 10) == b"e"
+        echo.stdin.write_eof()
+    assert left_queued and not any(left_queued)
+
+
+async def test_a_backlog_is_processed_before_an_eof_closes_the_connection(
+    others_waiting: list[bool],
+) -> None:
+    """A read far over the budget leaves a backlog; an EOF in the same turn (asyncssh closes
+    the connection on it) must not lose it."""
+    others_waiting.append(True)
+    payload = os.urandom(1024 * 1024)  # under the 2 MiB window: sent without waiting for us
+    _NoAuth.conns.clear()
+    _Recorder.sessions.clear()
+    async with _recording() as port:
+        conn = await _connect(port, GCM)
+        chan, _ = await conn.create_session(asyncssh.SSHClientSession, "sink", encoding=None)
+        server: Any = _NoAuth.conns[-1]
+        sink = _Recorder.sessions[-1]
+        held: list[bytes] = []
+        server.data_received = lambda data, datatype=None: held.append(data)  # the transport's
+        chan.write(payload)
+        stable, size = 0, -1
+        while stable < 3 or size < len(payload):
+            await asyncio.sleep(0.02)
+            stable = stable + 1 if size == sum(map(len, held)) else 0
+            size = sum(map(len, held))
+        del server.data_received
+        server.data_received(b"".join(held))  # everything in one callback ...
+        assert 0 < sink.received <= asyncssh_patches.READ_BUDGET
+        assert not server._transport.is_reading()  # ... the backlog holds reading ...
+        server.eof_received()  # ... and the peer's EOF right behind it
+        assert sink.received == len(payload)
+        assert sink.digest.digest() == hashlib.sha256(payload).digest()
+        conn.abort()
+
+
+async def test_reading_resumes_only_when_neither_a_backlog_nor_a_full_transport_holds_it(
+    server: tuple[int, list[str]],
+) -> None:
+    """bounded-work-per-read and pause-writing-reaches-channels both pause reading the peer;
+    whichever ends first leaves it paused for the other."""
+    port, _ = server
+    _NoAuth.conns.clear()
+    async with await _connect(port, GCM) as conn:
+        await conn.run("true")
+        peer: Any = _NoAuth.conns[-1]
+        transport = peer._transport
+        for backlog_ends_first in (True, False):
+            peer._rtgw_yielded = peer._rtgw_reading_held = True
+            transport.pause_reading()
+            if backlog_ends_first:
+                asyncssh_patches._next_turn(peer)  # nothing left to process
+                assert not transport.is_reading()  # the full transport still holds it
+                peer.resume_writing()
+            else:
+                peer.resume_writing()
+                assert not transport.is_reading()  # the backlog still holds it
+                asyncssh_patches._next_turn(peer)
+            assert transport.is_reading()
+            assert not peer._rtgw_yielded and not peer._rtgw_reading_held
+        assert (await conn.run("echo", input=b"still here", encoding=None)).stdout == b"still here"
+
+
 def test_every_patch_is_installed_once_apply_ran() -> None:
     assert asyncssh_patches.applied()
     assert [p.name for p in PATCHES if not p.installed()] == []
@@ -586,7 +875,9 @@ async def _observe_upstream() -> dict[str, Any]:
     _, sink_peak = await _slow_sink_peak(SINK_WINDOW)
     async with _serving() as (port, _):
         unread_peak, _ = await _unread_transport_peak(port, UNREAD_STREAM, then_read=False)
+    flood = await _flood(FLOOD)
     return {
+        "flood": flood,
         "unread_transport_peak": unread_peak,
         "sha1_user_signature_accepted": await _rsa_login(["ssh-rsa"]),
         "writes_for_burst": len(writes),
@@ -628,6 +919,20 @@ def test_canary_upstream_still_accepts_sha1_rsa_user_signatures(upstream: dict[s
 
 def test_canary_upstream_still_writes_once_per_packet(upstream: dict[str, Any]) -> None:
     _canary(upstream, "coalesce-transport-writes", upstream["writes_for_burst"] >= BURST)
+
+
+def test_canary_upstream_still_processes_a_whole_read_in_one_callback(
+    upstream: dict[str, Any],
+) -> None:
+    # asyncssh handles every complete packet of a read (up to 256 KiB) in the callback that
+    # read it: no other connection's packet is processed while one still waits.
+    flood = upstream["flood"]
+    still_there = (
+        flood["intact"]
+        and flood["max_stream_bytes_per_read"] > 2 * asyncssh_patches.READ_BUDGET
+        and flood["echoes_beside_backlog"] == 0
+    )
+    _canary(upstream, "bounded-work-per-read", still_there)
 
 
 def test_canary_upstream_still_reslices_the_receive_buffer_per_packet() -> None:
