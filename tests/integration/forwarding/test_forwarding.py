@@ -17,36 +17,13 @@ import pytest
 from gateway.lab.process import GatewayProcess
 from gateway.lab.seed import Tenant, unique
 from gateway.lab.user_keys import UserKey, make_key
+from tests.integration.forwarding.support import Agent, fingerprint
 from tests.integration.support import GatewayFactory, SshClient, client_for
 
 PY_CONNECT = (
     "python3 -c \"import socket,sys; s=socket.create_connection(('127.0.0.1',{port}),5);"
     'print(s.recv(64).decode())"'
 )
-
-
-def fingerprint(key: UserKey) -> str:
-    out = subprocess.run(["ssh-keygen", "-lf", str(key.pub)], capture_output=True, check=True)
-    return out.stdout.split()[1].decode()
-
-
-class Agent:
-    def __init__(self, workdir: Path, key: UserKey) -> None:
-        self.sock = workdir / f"agent-{unique('a')}.sock"
-        self.proc = subprocess.Popen(
-            ["ssh-agent", "-D", "-a", str(self.sock)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 5
-        while not self.sock.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        env = {**os.environ, "SSH_AUTH_SOCK": str(self.sock)}
-        subprocess.run(["ssh-add", str(key.path)], env=env, check=True, capture_output=True)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(5)
 
 
 PY_REFUSED = (

@@ -5,7 +5,6 @@ key; sandbox host keys may be trusted through a host CA. Real sshd, real ssh, re
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
 import socket
@@ -23,6 +22,7 @@ from gateway.lab.seed import Tenant, Upstream, create_tenant, unique
 from gateway.lab.user_keys import UserKey, make_key
 from gateway.ssh import hostkeys
 from gateway.upstream import certificates
+from tests.integration.forwarding.support import Agent, fingerprint
 from tests.integration.support import GatewayFactory, SshClient, client_for
 
 
@@ -59,32 +59,6 @@ def ca_only_sshd(user_ca: Path) -> Iterator[SandboxSshd]:
 def tenant_on(database_url: str, upstream: Upstream, tmp_path: Path) -> Tenant:
     key = make_key(tmp_path, unique("id"))
     return asyncio.run(create_tenant(database_url, upstream, key=key, key_name="laptop"))
-
-
-def fingerprint(key: UserKey) -> str:
-    out = subprocess.run(["ssh-keygen", "-lf", str(key.pub)], capture_output=True, check=True)
-    return out.stdout.split()[1].decode()
-
-
-class Agent:
-    """``ssh-agent`` holding one key, for ``ssh -A``."""
-
-    def __init__(self, directory: Path, key: UserKey) -> None:
-        self.sock = directory / f"agent-{unique('a')}.sock"
-        self.proc = subprocess.Popen(
-            ["ssh-agent", "-D", "-a", str(self.sock)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 5
-        while not self.sock.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        env = {**os.environ, "SSH_AUTH_SOCK": str(self.sock)}
-        subprocess.run(["ssh-add", str(key.path)], env=env, check=True, capture_output=True)
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(5)
 
 
 @pytest.fixture
