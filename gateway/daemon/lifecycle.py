@@ -283,6 +283,7 @@ class Gateway:
             rt.db,
             mode=self.config.revocation.mode,
             register_key_hint=lambda: rt.config.ssh.register_key_hint,
+            reuse_seconds=lambda: rt.config.revocation.access_cache_seconds,
         )
 
         # Logins answer from memory while the listener is up; every notification drops the

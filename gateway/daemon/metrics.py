@@ -46,6 +46,12 @@ ACCESS_CACHE = Counter(
     "(miss), or from the database because the cache is off or the listener is down (bypass)",
     ["result"],
 )
+CHANNEL_CHECKS = Counter(
+    "rtgw_channel_checks_total",
+    "Access checks of new channels on live connections: the connection's recent valid verdict "
+    "reused (reused) or the database asked (queried)",
+    ["result"],
+)
 UPSTREAM_CONNECT = Histogram(
     "rtgw_upstream_connect_seconds",
     "Time to an authenticated connection to the sandbox's sshd",

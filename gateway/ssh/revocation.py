@@ -16,7 +16,12 @@ database did not answer), nothing is dropped: a full re-check is retried, backin
 whenever a check reports a new expiry.
 
 New sessions and forwarding channels on an open connection are checked against the database
-when they open (``check_channel``), never against the snapshot taken at login. While the
+when they open (``check_channel``), never against the snapshot taken at login. A connection
+whose grant the database found valid less than ``revocation.access_cache_seconds`` ago, with no
+change concerning it notified since and the listener healthy, reuses that verdict instead of
+asking again (why: the query was the longest step of a session's start, bench/README.md): the
+database is as current as the notifications, which reach this process within milliseconds and
+drop the verdicts they concern; a verdict whose query raced any change is never kept. While the
 listener is down, ``revocation.mode`` decides: ``strict`` (default) refuses new channels on
 live connections until a reconcile has succeeded again; ``best_effort`` lets them through on
 the per-channel check alone. Either way /readyz and the metrics show the listener's state.
@@ -89,6 +94,8 @@ class Revocation:
         *,
         mode: str = "strict",
         register_key_hint: Callable[[], str] | None = None,
+        reuse_seconds: Callable[[], float] = lambda: 0.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._registry = registry
         self._db = db
@@ -108,6 +115,13 @@ class Revocation:
         self._pending: set[LiveConnection] = set()
         self._pending_at: float | None = None
         self._flush: asyncio.Task[None] | None = None
+        # How long a connection's valid verdict is reused by check_channel (read at each use,
+        # so a reload applies; 0: always query), the verdicts (when checked, the key's expiry),
+        # and a count of notified changes: a verdict whose query saw it move is not kept.
+        self._reuse_seconds = reuse_seconds
+        self._clock = clock
+        self._verified: dict[LiveConnection, tuple[float, dt.datetime | None]] = {}
+        self._changes_seen = 0
 
     # --- state ---
 
@@ -133,10 +147,12 @@ class Revocation:
         self._ending.discard(conn)
         self._stopped_at_login.discard(conn)
         self._pending.discard(conn)
+        self._verified.pop(conn, None)
 
     # --- the database told us something changed ---
 
     def on_change(self, change: Change) -> None:
+        self._changes_seen += 1
         reg = self._registry
         if change.kind in ("ssh_key", "cert_authority") and change.key_id is not None:
             conns = reg.by_key(change.key_id)
@@ -146,6 +162,8 @@ class Revocation:
             conns = reg.by_org(change.org_id)
         else:
             conns = [c for c, _ in reg.authenticated_connections()]
+        for conn in conns:
+            self._verified.pop(conn, None)
         if conns:
             self._queue(conns, change.at)
 
@@ -180,6 +198,7 @@ class Revocation:
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
+        self._verified.clear()
         for task in (self._flush, self._catch_up):
             if task is not None:
                 task.cancel()
@@ -194,6 +213,11 @@ class Revocation:
             raise UpstreamError(
                 messages.REVOCATION_UNVERIFIED.code, "revocation listener not reconciled"
             )
+        if self._reusable(conn):
+            metrics.CHANNEL_CHECKS.labels("reused").inc()
+            return
+        metrics.CHANNEL_CHECKS.labels("queried").inc()
+        seen = self._changes_seen
         try:
             checks = await access.check_grants(self._db, [grant_of(identity)])
         except Unavailable as exc:
@@ -203,6 +227,7 @@ class Revocation:
         check = checks[0]
         if check.reason is None:
             self._stopped_at_login.discard(conn)
+            self._verified_valid(conn, check.key_expires_at, seen)
             return
         if check.reason == access.SANDBOX_STOPPED:
             # Not a change for a login made while stopped: the session says so and goes on.
@@ -211,6 +236,29 @@ class Revocation:
         raise UpstreamError(messages.ACCESS_ENDED.code, check.reason)
 
     # --- internals ---
+
+    def _reusable(self, conn: LiveConnection) -> bool:
+        """A verdict younger than ``reuse_seconds``, no change concerning the connection
+        since (on_change dropped it otherwise), none still being checked, the listener
+        healthy, and the key not expired meanwhile."""
+        if not self.healthy:
+            self._verified.clear()  # changes may be missed: nothing is reused until reconciled
+            return False
+        verdict = self._verified.get(conn)
+        if verdict is None or conn in self._pending:
+            return False
+        checked_at, expires_at = verdict
+        if self._clock() - checked_at >= self._reuse_seconds():
+            return False
+        return expires_at is None or expires_at.timestamp() > time.time()
+
+    def _verified_valid(
+        self, conn: LiveConnection, expires_at: dt.datetime | None, seen: int
+    ) -> None:
+        """Keep a valid verdict for check_channel, unless a change was notified while its
+        query ran (the answer may predate that change) or changes may be going unnoticed."""
+        if seen == self._changes_seen and self.healthy and self._reuse_seconds() > 0:
+            self._verified[conn] = (self._clock(), expires_at)
 
     def _arm(self, conn: LiveConnection, expires_at: dt.datetime | None) -> None:
         old = self._timers.pop(conn, None)
@@ -272,6 +320,7 @@ class Revocation:
         live = [(c, i) for c, i in pairs if i is not None]
         if not live:
             return 0
+        seen = self._changes_seen
         checks = await access.check_grants(self._db, [grant_of(i) for _, i in live])
         ended = 0
         for (conn, identity), check in zip(live, checks, strict=True):
@@ -279,6 +328,7 @@ class Revocation:
                 # Running now: a later stop ends this connection like any other.
                 self._stopped_at_login.discard(conn)
                 self._arm(conn, check.key_expires_at)
+                self._verified_valid(conn, check.key_expires_at, seen)
                 continue
             if check.reason == access.SANDBOX_STOPPED and conn in self._stopped_at_login:
                 continue
