@@ -38,6 +38,7 @@ from structlog.typing import FilteringBoundLogger
 from gateway import messages
 from gateway.daemon import metrics
 from gateway.errors import UpstreamError
+from gateway.relay import budget
 from gateway.relay.forward import Bytes, TunnelEnd, back_to_client, open_tunnel, open_unix_tunnel
 from gateway.relay.session import ClientSide, SessionSummary
 from gateway.ssh import forwarding, quotas
@@ -46,6 +47,7 @@ from gateway.ssh.runtime import Runtime
 from gateway.upstream import certificates as upstream_certificates
 from gateway.upstream import connect as upstream_connect
 from gateway.upstream.dedicated import Dedicated
+from gateway.upstream.early import EarlyChannel
 from gateway.upstream.pool import Lease, LeaseBook
 from gateway.upstream.target import Target
 from keystore.audit_events import AuditEvent
@@ -107,6 +109,11 @@ class AuditedSession(ClientSide):
     def upstream_closed(self, exc: Exception | None) -> None:
         super().upstream_closed(exc)
         self._owner.upstream_channel_closed(self)  # the sandbox's channel is gone: free its slot
+
+    def recv_window(self) -> int:
+        """The window the client's channel grants: the sandbox's channel grants the same."""
+        chan = self._user_chan
+        return (chan.get_recv_window() if chan is not None else None) or budget.DEFAULT_WINDOW
 
     def agent_path(self) -> str | None:
         """The gateway's socket for this client's agent, once the client asked for it (-A)."""
@@ -196,6 +203,27 @@ class _SessionUpstream:
         )
 
 
+class _EarlyUpstream:
+    """What a session's relay sees as its upstream connection when its channel was opened
+    early (``Channels._prepare``): ``create_session`` sends only the requests."""
+
+    def __init__(self, chan: EarlyChannel) -> None:
+        self._chan = chan
+
+    async def create_session(
+        self, session_factory: Callable[[], asyncssh.SSHClientSession[bytes]], *args: Any, **kw: Any
+    ) -> tuple[asyncssh.SSHClientChannel[bytes], asyncssh.SSHClientSession[bytes]]:
+        return await _opened_or_closed(
+            self._chan.start(session_factory, *args, **kw), lambda started: started[0].close()
+        )
+
+
+def _drop_result(task: asyncio.Task[Any]) -> None:
+    """A preparation nobody awaited (the session ended first): its failure was expected."""
+    if not task.cancelled():
+        task.exception()
+
+
 async def _opened_or_closed(opening: Awaitable[T], discard: Callable[[T], None]) -> T:
     """Await an upstream channel open; if the caller is cancelled meanwhile, let the open
     finish and close what it opened (a cancelled asyncssh open would leave the channel open
@@ -239,6 +267,9 @@ class Channels:
         self._log = log
         self._leases = LeaseBook()
         self._sessions: set[AuditedSession] = set()
+        # Each session's access check and early upstream channel, started when the client
+        # opened the session channel and taken when its exec/shell/subsystem arrives.
+        self._prepared: dict[AuditedSession, asyncio.Task[EarlyChannel]] = {}
         self._forwards: set[object] = set()  # forwarding channels open or being opened
         self._opening: set[asyncio.Task[Any]] = set()  # forwarding channels being opened
         self._refusing = 0  # RefusedSessions still open
@@ -372,7 +403,47 @@ class Channels:
         self._sessions.add(session)
         metrics.CHANNELS_ACTIVE.labels("session").inc()
         self._log.info("session_open", session_id=session_id)
+        task = asyncio.get_running_loop().create_task(self._prepare(session))
+        task.add_done_callback(_drop_result)
+        self._prepared[session] = task
         return session
+
+    async def _prepare(self, session: AuditedSession) -> EarlyChannel:
+        """Check access (the database's state now, as the channel opens) and, beside it,
+        open the sandbox's session channel, while the client is still sending its requests:
+        a session's exec then waits for neither (gateway/upstream/early.py). The channel
+        carries no request before ``_session_upstream`` has this result, so nothing runs in
+        the sandbox unless the check passed."""
+        opening = asyncio.ensure_future(self._open_early(session))
+        try:
+            await self._admit_now()
+        except BaseException:
+            opening.cancel()  # an open already sent is let finish and closed
+            raise
+        return await opening
+
+    async def _open_early(self, session: AuditedSession) -> EarlyChannel:
+        lease = await self._lease(session, admit=False)
+
+        async def open_on(conn: asyncssh.SSHClientConnection) -> EarlyChannel:
+            chan = EarlyChannel(conn, session.recv_window())
+            await chan.open()
+            return chan
+
+        return await self.open_on_lease(
+            session, lease, open_on, lambda chan: chan.close(), retry=True
+        )
+
+    def _drop_prepared(self, session: AuditedSession) -> None:
+        """The session will not use its early channel (it ended, or needs the user's agent):
+        stop preparing it, or close what was prepared."""
+        task = self._prepared.pop(session, None)
+        if task is None:
+            return
+        if not task.done():
+            task.cancel()
+        elif not task.cancelled() and task.exception() is None:
+            task.result().close()
 
     def _refused_session_ended(self) -> None:
         self._refusing -= 1
@@ -382,18 +453,16 @@ class Channels:
             await asyncio.wait(
                 set(self._remote_pending), timeout=self._rt.config.upstream.connect_timeout_seconds
             )
+        # asyncssh handles a channel's requests one at a time, in order: an auth-agent-req
+        # (sent before exec/shell, as OpenSSH does) has its socket by the time the session
+        # starts.
         agent_path = session.agent_path()
-        for _ in range(10):
-            # asyncssh answers the client's auth-agent-req in a task of its own (it creates
-            # the gateway-side socket): a few loop turns after the exec/shell request.
-            if agent_path is not None:
-                break
-            await asyncio.sleep(0)
-            agent_path = session.agent_path()
         if agent_path is not None:
             if self._rt.config.forwarding.agent:
                 # The sandbox's agent requests come back on the upstream connection: only one
                 # of this client's own may carry them.
+                self._drop_prepared(session)
+                self._leases.release(session)
                 await self._admit_now()
                 try:
                     conn = await self._dedicated.get(agent_path)
@@ -403,9 +472,13 @@ class Channels:
                 self._log.info("agent_forwarding", dedicated=True)
                 return conn
             session.notice(messages.FORWARDING_DISABLED.render(what="Agent forwarding (ssh -A)"))
-        lease = await self._lease(session)
-        # The relay only calls create_session on it (gateway/relay/session.py).
-        return cast(asyncssh.SSHClientConnection, _SessionUpstream(self, session, lease))
+        # The relay only calls create_session on what is returned (gateway/relay/session.py).
+        prepared = self._prepared.pop(session, None)
+        if prepared is None:  # dropped (cannot happen before the session ends): open it now
+            lease = await self._lease(session)
+            return cast(asyncssh.SSHClientConnection, _SessionUpstream(self, session, lease))
+        chan = await _opened_or_closed(prepared, lambda early: early.close())
+        return cast(asyncssh.SSHClientConnection, _EarlyUpstream(chan))
 
     def session_started(self, session: AuditedSession) -> None:
         untold, self._untold = self._untold, []
@@ -429,6 +502,7 @@ class Channels:
         if session not in self._sessions:
             return
         self._sessions.discard(session)
+        self._drop_prepared(session)
         self._leases.release(session)
         metrics.CHANNELS_ACTIVE.labels("session").dec()
         result = "error" if summary.reason else "ok"
@@ -790,22 +864,20 @@ class Channels:
 
     # --- upstream leases ---
 
-    async def _lease(self, holder: object) -> Lease:
+    async def _lease(self, holder: object, *, admit: bool = True) -> Lease:
         """A channel's share of a warm upstream connection to this login's sandbox.
 
         Raises UpstreamError (reason code + technical detail) when the sandbox is stopped,
         cannot be used or has no free slot in time; ChannelOpenError once the client
         connection is gone. The lease is released when ``holder`` ends, or with the
-        connection.
+        connection. ``admit`` False: the caller checks access itself (``_prepare``).
         """
         if self._leases.closed:
             raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, _CLIENT_GONE)
         sandbox = self._accepted.sandbox
         pool = self._rt.upstream_pool
-        if self._admit is not None:
-            await self._admit()  # current state, not the snapshot taken at login
-        elif sandbox.status != "running":
-            raise UpstreamError(messages.SANDBOX_STOPPED.code, f"sandbox status {sandbox.status}")
+        if admit:
+            await self._admit_now()  # current state, not the snapshot taken at login
         if pool is None:
             raise UpstreamError(messages.SANDBOX_STOPPED.code, "no upstream pool")
         t0 = time.perf_counter()
@@ -872,6 +944,7 @@ class Channels:
         # asyncssh ended every session it had opened before it told us (connection_lost);
         # those still here were asked for but never opened, and no callback will come.
         for session in list(self._sessions):
+            self._drop_prepared(session)
             self._sessions.discard(session)
             metrics.CHANNELS_ACTIVE.labels("session").dec()
 
