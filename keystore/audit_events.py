@@ -23,16 +23,22 @@ class AuditEvent:
     source_ip: str | None = None
     details: dict[str, Any] = field(default_factory=dict)
     occurred_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
+    # Made when the event is recorded: a batch written again after a commit whose answer was
+    # lost (the connection dropped) adds no second row (migration 0007).
+    event_id: uuid.UUID = field(default_factory=uuid.uuid4)
 
 
 async def insert_many(db: Executor, events: Sequence[AuditEvent]) -> None:
-    """Write a batch in one round trip."""
+    """Write a batch in one round trip; events already written (same ``event_id``) are
+    skipped, so retrying a batch is safe."""
     if not events:
         return
     with unavailable_on_failure("writing audit events"):
         await db.executemany(
             "INSERT INTO audit_events (occurred_at, org_id, action, result, reason, actor, "
-            "target, source_ip, details) VALUES ($1, $2, $3, $4, $5, $6, $7, $8::inet, $9::jsonb)",
+            "target, source_ip, details, event_id) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8::inet, $9::jsonb, $10) "
+            "ON CONFLICT (event_id) WHERE event_id IS NOT NULL DO NOTHING",
             [
                 (
                     e.occurred_at,
@@ -44,6 +50,7 @@ async def insert_many(db: Executor, events: Sequence[AuditEvent]) -> None:
                     e.target,
                     e.source_ip,
                     json.dumps(e.details, default=str),
+                    e.event_id,
                 )
                 for e in events
             ],
