@@ -213,9 +213,14 @@ class _EarlyUpstream:
     async def create_session(
         self, session_factory: Callable[[], asyncssh.SSHClientSession[bytes]], *args: Any, **kw: Any
     ) -> tuple[asyncssh.SSHClientChannel[bytes], asyncssh.SSHClientSession[bytes]]:
-        return await _opened_or_closed(
-            self._chan.start(session_factory, *args, **kw), lambda started: started[0].close()
-        )
+        # Awaited here, not in a task of its own (one loop turn less before the request goes
+        # out): cancelled meanwhile (the client left), the channel is closed, which ends
+        # whatever the sandbox may have started for it.
+        try:
+            return await self._chan.start(session_factory, *args, **kw)
+        except BaseException:
+            self._chan.close()
+            raise
 
 
 def _drop_result(task: asyncio.Task[Any]) -> None:
