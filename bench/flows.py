@@ -114,26 +114,32 @@ def echo_beside_bulk(
 # --- first session after idle ---
 
 
-async def _after_idle(lab: Lab, paths: tuple[str, ...], wait: float) -> dict[str, float]:
+async def _after_idle(
+    lab: Lab, paths: tuple[str, ...], wait: float, rounds: int
+) -> list[dict[str, float]]:
     conns = {p: await asyncssh.connect(**lab.client_options(p)) for p in paths}
     try:
         for conn in conns.values():  # one session each first: every pool and cache is warm
             await conn.run("true", check=True)
-        await asyncio.sleep(wait)
-        out = {}
-        for path, conn in conns.items():
-            t0 = time.perf_counter()
-            await conn.run("true", check=True)
-            out[path] = time.perf_counter() - t0
+        out = []
+        for _ in range(rounds):
+            await asyncio.sleep(wait)
+            times = {}
+            for path, conn in conns.items():
+                t0 = time.perf_counter()
+                await conn.run("true", check=True)
+                times[path] = time.perf_counter() - t0
+            out.append(times)
         return out
     finally:
         for conn in conns.values():
             conn.close()
 
 
-def first_session_after_idle(lab: Lab, wait: float) -> dict[str, float]:
-    """Seconds for ``true`` on an already authenticated connection idle for ``wait`` s."""
-    return asyncio.run(_after_idle(lab, ("direct", "gateway"), wait))
+def first_session_after_idle(lab: Lab, wait: float, rounds: int = 1) -> list[dict[str, float]]:
+    """Seconds for ``true`` on an already authenticated connection idle for ``wait`` s, once
+    per round (each round waits again), per path."""
+    return asyncio.run(_after_idle(lab, ("direct", "gateway"), wait, rounds))
 
 
 # --- small-file tree ---
