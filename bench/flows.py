@@ -68,6 +68,40 @@ def echo_rtt(lab: Lab, path: str, count: int, gap: float = 0.0) -> list[float]:
     return asyncio.run(_echo_on(lab.client_options(path), count, gap))
 
 
+def echo_rtt_openssh(lab: Lab, path: str, count: int) -> list[float]:
+    """Seconds per 1-byte echo through ``ssh … cat`` driven over its stdin/stdout pipes: the
+    OpenSSH client on every path, so ``direct``, ``bastion`` (``-J``, OpenSSH's own proxy hop)
+    and ``gateway`` compare like for like. The first 20 echoes (the login among them) are
+    warm-up."""
+    proc = subprocess.Popen(
+        lab.ssh_cmd(path, "cat"),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        bufsize=0,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    samples = []
+    try:
+        fd_in, fd_out = proc.stdin.fileno(), proc.stdout.fileno()
+        for i in range(count + 20):
+            t0 = time.perf_counter()
+            os.write(fd_in, b"x")
+            if os.read(fd_out, 1) != b"x":
+                raise RuntimeError(f"ssh via {path} stopped echoing (exit {proc.poll()})")
+            if i >= 20:
+                samples.append(time.perf_counter() - t0)
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    return samples
+
+
 def bulk_neighbour(lab: Lab, path: str) -> subprocess.Popen[bytes]:
     """An ``ssh … 'cat > /dev/null' < /dev/zero`` that runs until killed."""
     zero = open("/dev/zero", "rb")

@@ -434,6 +434,25 @@ def measure(lab: Lab, profile: Profile, results: Results, only: set[str] | None)
                     met=g <= d + 0.1,
                 )
             )
+        # The same with the OpenSSH client on every path, and OpenSSH's own proxy hop (-J):
+        # what one more hop costs on this machine when it is written in C.
+        paths = ("direct", "bastion", "gateway")
+        ssh_samples = {p: flows.echo_rtt_openssh(lab, p, profile.echo_count) for p in paths}
+        raw["echo_openssh_seconds"] = ssh_samples
+        for q in (50, 99):
+            d, b, g = (ms(ssh_samples[p], q) for p in paths)
+            rows.append(
+                Row(
+                    f"echo round trip p{q}, OpenSSH client (ssh … cat) x {profile.echo_count}",
+                    "ms",
+                    d,
+                    b,
+                    g,
+                    target="≤ direct + 0.1 ms",
+                    met=g <= d + 0.1,
+                    notes=f"-J adds {b - d:+.2f} ms, the gateway {g - d:+.2f} ms",
+                )
+            )
 
     def tree() -> None:
         size = f"{profile.tree_files:,} files / {profile.tree_bytes / 1e6:g} MB"
