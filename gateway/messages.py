@@ -65,6 +65,8 @@ key_not_registered banner):
 | certificate_wrong_principal | a certificate naming neither the sandbox id nor one of  |
 |                             | the principals its CA was registered with               |
 | certificate_revoked         | the CA revoked the certificate's key id or serial      |
+| certificate_principal_removed | live: the CA no longer has the principal the        |
+|                             | certificate was let in by                               |
 | certificate_not_user        | a host certificate offered as a user's                 |
 | certificate_sha1_signature  | the CA signed the certificate with ssh-rsa (SHA-1)      |
 | proxy_header_untrusted      | a PROXY header from outside ssh.proxy_trusted_cidrs     |
@@ -224,6 +226,12 @@ _ACCESS_ENDED_BECAUSE = {
     "certificate_revoked": (
         "your certificate (key {key}) was revoked",
         "ask your certificate authority for a new one, or register a key ({hint}).",
+    ),
+    "certificate_principal_removed": (
+        "the certificate authority that signed your certificate no longer grants its "
+        "principal here",
+        "ask your certificate authority for a certificate naming {sandbox}, or register a key "
+        "({hint}).",
     ),
     "ca_revoked": (
         "the certificate authority that signed your certificate was revoked",

@@ -13,6 +13,7 @@ grant, even when its id is given.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ TARGET_CHANGED = "sandbox_target_changed"  # upstream host/port or login user di
 CA_DELETED = "ca_deleted"  # certificate logins: no such CA in the grant's organization any more
 CA_REVOKED = "ca_revoked"
 CERTIFICATE_REVOKED = "certificate_revoked"  # the CA revoked the certificate's key id or serial
+# The certificate was let in by a CA principal (not the sandbox id) the CA no longer has.
+CERTIFICATE_PRINCIPAL_REMOVED = "certificate_principal_removed"
 REASONS = (
     ORG_DELETED,
     ORG_DISABLED,
@@ -44,6 +47,7 @@ REASONS = (
     CA_DELETED,
     CA_REVOKED,
     CERTIFICATE_REVOKED,
+    CERTIFICATE_PRINCIPAL_REMOVED,
     TARGET_CHANGED,
 )
 
@@ -60,7 +64,9 @@ class Grant:
 
     For a login with a certificate (``credential`` ``certificate``), ``key_id`` is the id of
     the CA that signed it, and ``cert_key_id`` / ``cert_serial`` name the certificate, so that
-    revoking either ends the connection.
+    revoking either ends the connection. ``cert_principals``: the CA's extra principals the
+    certificate was let in by, when it does not name the sandbox itself (None: it does); the
+    grant ends once the CA has none of them any more.
     """
 
     sandbox_id: str
@@ -72,6 +78,7 @@ class Grant:
     credential: str = KEY
     cert_key_id: str | None = None
     cert_serial: int | None = None
+    cert_principals: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +121,10 @@ SELECT g.n,
                     WHERE r.org_id = g.org_id AND r.ca_id = g.key_id
                       AND (r.cert_key_id = g.cert_key_id OR r.serial = g.cert_serial))
                THEN 'certificate_revoked'
+           WHEN g.credential = 'certificate' AND g.cert_principals IS NOT NULL
+                AND NOT (ARRAY(SELECT jsonb_array_elements_text(g.cert_principals::jsonb))
+                         && c.principals)
+               THEN 'certificate_principal_removed'
            WHEN (g.upstream_host IS NOT NULL AND g.upstream_host <> s.upstream_host)
              OR (g.upstream_port IS NOT NULL AND g.upstream_port <> s.upstream_port)
              OR (g.login_user IS NOT NULL AND g.login_user <> s.login_user)
@@ -121,9 +132,10 @@ SELECT g.n,
        END AS reason,
        k.expires_at
 FROM unnest($1::text[], $2::uuid[], $3::uuid[], $4::text[], $5::integer[], $6::text[],
-            $7::text[], $8::text[], $9::numeric[])
+            $7::text[], $8::text[], $9::numeric[], $10::text[])
          WITH ORDINALITY AS g(sandbox_id, org_id, key_id, upstream_host, upstream_port,
-                              login_user, credential, cert_key_id, cert_serial, n)
+                              login_user, credential, cert_key_id, cert_serial, cert_principals,
+                              n)
 LEFT JOIN organizations o ON o.id = g.org_id
 LEFT JOIN sandboxes s ON s.id = g.sandbox_id
 LEFT JOIN ssh_keys k ON g.credential = 'key' AND k.id = g.key_id AND k.org_id = g.org_id
@@ -150,6 +162,8 @@ async def check_grants(db: Executor, grants: Iterable[Grant]) -> list[GrantCheck
             [g.credential for g in batch],
             [g.cert_key_id for g in batch],
             [g.cert_serial for g in batch],
+            # Each grant's principals as one JSON array (unnest cannot take ragged arrays).
+            [None if g.cert_principals is None else json.dumps(g.cert_principals) for g in batch],
         )
     return [
         GrantCheck(batch[row["n"] - 1], reason=row["reason"], key_expires_at=row["expires_at"])

@@ -78,6 +78,10 @@ class CertificateLogin:
     key_id: str
     serial: int
     principals: tuple[str, ...]
+    # The CA's extra principals the certificate was let in by, when it does not name the
+    # sandbox id itself (None then): live revocation ends the connection once the CA no
+    # longer has any of them.
+    via_principals: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +190,11 @@ def decide_certificate(lookup: LoginLookup, cert: PresentedCertificate, now: flo
         key_id=cert.key_id,
         serial=cert.serial,
         principals=cert.principals,
+        via_principals=(
+            None
+            if sandbox.id in cert.principals
+            else tuple(sorted(set(ca.principals).intersection(cert.principals)))
+        ),
     )
     return Accept(key, sandbox, certificate=login)
 

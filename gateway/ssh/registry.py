@@ -21,7 +21,8 @@ class Identity:
     """Who an authenticated connection is: the key that opened which sandbox of which org.
 
     For a certificate login ``key_id`` is the signing CA's id (``by_key`` then finds every
-    connection a CA opened) and ``cert_key_id``/``cert_serial`` name the certificate."""
+    connection a CA opened) and ``cert_key_id``/``cert_serial`` name the certificate;
+    ``cert_principals`` are the CA's principals it was let in by (None: it names the sandbox)."""
 
     org_id: uuid.UUID
     sandbox_id: str
@@ -29,6 +30,7 @@ class Identity:
     fingerprint: str
     cert_key_id: str | None = None
     cert_serial: int | None = None
+    cert_principals: tuple[str, ...] | None = None
 
     @property
     def is_certificate(self) -> bool:

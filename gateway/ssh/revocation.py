@@ -83,6 +83,7 @@ def grant_of(identity: Identity) -> access.Grant:
         credential=access.CERTIFICATE if identity.is_certificate else access.KEY,
         cert_key_id=identity.cert_key_id,
         cert_serial=identity.cert_serial,
+        cert_principals=identity.cert_principals,
     )
 
 

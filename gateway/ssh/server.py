@@ -309,6 +309,7 @@ class GatewayConnection(asyncssh.SSHServer):
             key.fingerprint,
             cert_key_id=cert.key_id if cert is not None else None,
             cert_serial=cert.serial if cert is not None else None,
+            cert_principals=cert.via_principals if cert is not None else None,
         )
         refusal = quotas.check_connection(self._rt.registry, identity, self._rt.config.quotas, self)
         if refusal is not None:

@@ -151,6 +151,24 @@ def test_a_principal_the_org_gave_its_ca_opens_every_sandbox_of_the_org(
     cert = _cert(ca, user, principals=("team-infra",))
     decision = decide_certificate(_lookup(_trusted(ca, principals=("team-infra",))), cert, NOW)
     assert isinstance(decision, Accept)
+    # Live revocation ends it when the CA drops that principal: the grant carries it.
+    assert decision.certificate is not None
+    assert decision.certificate.via_principals == ("team-infra",)
+
+
+def test_the_principals_a_certificate_was_let_in_by_are_only_the_cas_own(
+    ca: asyncssh.SSHKey, user: asyncssh.SSHKey
+) -> None:
+    trusted = _trusted(ca, principals=("team-infra", "oncall", "unused"))
+    cert = _cert(ca, user, principals=("root", "oncall", "team-infra"))
+    decision = decide_certificate(_lookup(trusted), cert, NOW)
+    assert isinstance(decision, Accept) and decision.certificate is not None
+    assert decision.certificate.via_principals == ("oncall", "team-infra")
+    # Naming the sandbox itself: no CA principal to lose, nothing to track.
+    named = _cert(ca, user, principals=(SANDBOX, "team-infra"))
+    decision = decide_certificate(_lookup(trusted), named, NOW)
+    assert isinstance(decision, Accept) and decision.certificate is not None
+    assert decision.certificate.via_principals is None
 
 
 @pytest.mark.parametrize(

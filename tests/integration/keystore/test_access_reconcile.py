@@ -232,3 +232,37 @@ async def test_access_for_carries_each_cas_principals_and_revocations(
     await pool.execute("UPDATE organizations SET disabled_at = now() WHERE id = $1", org.id)
     disabled = await sandboxes.access_for(pool, org.sandbox_id)
     assert disabled is not None and disabled.cas == () and disabled.keys == ()
+
+
+async def test_a_certificate_let_in_by_a_ca_principal_ends_when_the_ca_drops_it(
+    make_org: Any, pool: Any
+) -> None:
+    org, other = await make_org(), await make_org()
+    ca = await _add_ca(pool, org.id, ["team-infra", "oncall"])
+    # Another organization's CA still granting the same principal changes nothing here.
+    await _add_ca(pool, other.id, ["team-infra"])
+
+    def via(*principals: str) -> Grant:
+        return Grant(
+            org.sandbox_id,
+            org.id,
+            ca,
+            credential=access.CERTIFICATE,
+            cert_key_id="alice",
+            cert_serial=1,
+            cert_principals=principals,
+        )
+
+    named = _cert_grant(org, ca)  # the certificate names the sandbox itself: no principal to lose
+    checks = await access.check_grants(pool, [via("team-infra"), via("oncall"), named])
+    assert [c.reason for c in checks] == [None, None, None]
+
+    await pool.execute("UPDATE ssh_cert_authorities SET principals = '{oncall}' WHERE id = $1", ca)
+    grants = {
+        via("team-infra"): access.CERTIFICATE_PRINCIPAL_REMOVED,
+        via("team-infra", "oncall"): None,  # still let in by the other one
+        via("oncall"): None,
+        named: None,
+    }
+    checks = await access.check_grants(pool, list(grants))
+    assert [c.reason for c in checks] == list(grants.values())

@@ -286,6 +286,41 @@ def test_revoking_a_certificate_or_its_ca_ends_the_live_session(
     assert "was revoked" in line, line
 
 
+def test_a_session_let_in_by_a_ca_principal_ends_when_the_ca_no_longer_has_it(
+    ssh_client: SshClient,
+    gateway: GatewayProcess,
+    tenant: Tenant,
+    user_key: UserKey,
+    tmp_path: Path,
+) -> None:
+    """The admin narrows the CA: its "contractors" principal goes. A session that came in by
+    it ends within seconds; one whose certificate names the sandbox itself goes on."""
+    ca = CA(tmp_path)
+    ca_id = ca.register(tenant, principals=["contractors", "staff"])
+    ca.sign(user_key, principals=["contractors"], key_id="dana@example", serial=31)
+    staff_key = make_key(tmp_path, unique("staff"))
+    ca.sign(staff_key, principals=[tenant.sandbox_id], key_id="erin@example", serial=32)
+    with (
+        LiveSession(ssh_client, user_key, tenant.sandbox_id) as contractor,
+        LiveSession(ssh_client, staff_key, tenant.sandbox_id) as staff,
+    ):
+        contractor.wait_started()
+        staff.wait_started()
+        since = time.time()
+        sql(
+            tenant.database_url,
+            "UPDATE ssh_cert_authorities SET principals = '{staff}' WHERE id = $1",
+            ca_id,
+        )
+        lag = ended_within(contractor, since, REVOCATION_DEADLINE)
+        line = access_ended_line(contractor)
+        assert staff.running, staff.err()
+    assert lag < REVOCATION_DEADLINE
+    assert "no longer grants its principal" in line, line
+    # And the narrowed CA lets no new "contractors" login in.
+    assert _login(ssh_client, user_key, tenant.sandbox_id).returncode == 255
+
+
 def test_a_certificates_force_command_and_source_address_are_obeyed(
     ssh_client: SshClient, tenant: Tenant, user_key: UserKey, tmp_path: Path
 ) -> None:
