@@ -130,6 +130,12 @@ answered Dropbear's guess while Dropbear, seeing our different preference, sent 
 again: "Key exchange not in progress". ``_process_kexinit`` now sets ``_ignore_first_kex`` by
 the RFC's rule, from both KEXINIT payloads. Upstream-worthy (report to ronf/asyncssh).
 
+``gcm-cipher-object-reuse``: ``GCMCipher.encrypt_and_sign`` and ``verify_and_decrypt`` build a
+new ``AESGCM(key)`` for every packet, although the key is the cipher's for its whole life (a
+rekey makes new cipher objects). The object is now made once, in ``__init__``: 14 against 20
+µs to encrypt a 32 KiB packet, 10 against 18 µs to decrypt one, ~1.5 µs less per small packet
+(bench/README.md). The IV bookkeeping is asyncssh's own (``_update_iv``). Upstream-worthy.
+
 Why a layer and not a fork
 --------------------------
 Decision: keep this layer of named patches on the PyPI release, pinned ``asyncssh>=2.24.1,<2.25``
@@ -175,9 +181,12 @@ from typing import Any
 import asyncssh
 import asyncssh.channel
 import asyncssh.connection
+import asyncssh.crypto.cipher
 import structlog
 from asyncssh.constants import MSG_IGNORE, MSG_KEXINIT
 from asyncssh.packet import SSHPacket, String
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from gateway.errors import IncompatibleLibrary
 from gateway.ssh.algorithms import SHA1_SIGNATURES
@@ -807,8 +816,43 @@ def _install_channel_output_wait(patch: Patch) -> None:
     cls._flush_send_buf = _flush_send_buf
 
 
+# --- gcm-cipher-object-reuse -----------------------------------------------------------------
+
+_GCM_MAC_SIZE = 16
+
+
+def _install_gcm_reuse(patch: Patch) -> None:
+    cls: Any = patch.target
+    original_init = patch.original("__init__")
+    cls._rtgw_aead = None  # a cipher made before apply() builds one per packet, as upstream
+
+    def __init__(self: Any, cipher_name: str, key: bytes, iv: bytes) -> None:
+        original_init(self, cipher_name, key, iv)
+        self._rtgw_aead = AESGCM(key)
+
+    def encrypt_and_sign(self: Any, header: bytes, data: bytes) -> tuple[bytes, bytes]:
+        aead = self._rtgw_aead or AESGCM(self._key)
+        sealed = aead.encrypt(self._iv, data, header)
+        self._update_iv()
+        return header + sealed[:-_GCM_MAC_SIZE], sealed[-_GCM_MAC_SIZE:]
+
+    def verify_and_decrypt(self: Any, header: bytes, data: bytes, mac: bytes) -> bytes | None:
+        aead = self._rtgw_aead or AESGCM(self._key)
+        try:
+            opened: bytes | None = aead.decrypt(self._iv, data + mac, header)
+        except InvalidTag:
+            opened = None
+        self._update_iv()
+        return opened
+
+    cls.__init__ = __init__
+    cls.encrypt_and_sign = encrypt_and_sign
+    cls.verify_and_decrypt = verify_and_decrypt
+
+
 _CONN = asyncssh.connection.SSHConnection
 _CHAN = asyncssh.channel.SSHChannel
+_GCM = asyncssh.crypto.cipher.GCMCipher
 
 PATCHES: tuple[Patch, ...] = (
     Patch(
@@ -935,6 +979,16 @@ PATCHES: tuple[Patch, ...] = (
         target=_CHAN,
         originals=_originals(_CHAN, "_flush_send_buf"),
         install=_install_channel_output_wait,
+    ),
+    Patch(
+        name="gcm-cipher-object-reuse",
+        upstream=(
+            "GCMCipher.encrypt_and_sign and verify_and_decrypt build a new AESGCM(key) for "
+            "every packet, though the key does not change for the cipher's life"
+        ),
+        target=_GCM,
+        originals=_originals(_GCM, "__init__", "encrypt_and_sign", "verify_and_decrypt"),
+        install=_install_gcm_reuse,
     ),
 )
 

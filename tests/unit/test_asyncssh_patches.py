@@ -993,6 +993,43 @@ def test_canary_upstream_still_has_no_failed_auth_callback() -> None:
     _canary({}, patch.name, not callbacks and "_owner" not in source)
 
 
+def test_canary_upstream_gcm_still_builds_its_aead_per_packet() -> None:
+    patch = asyncssh_patches.patch_named("gcm-cipher-object-reuse")
+    sealing = inspect.getsource(patch.original("encrypt_and_sign"))
+    opening = inspect.getsource(patch.original("verify_and_decrypt"))
+    still_there = all(
+        "AESGCM(self._key)" in source and "self._update_iv()" in source
+        for source in (sealing, opening)
+    )
+    _canary({}, patch.name, still_there)
+
+
+def test_gcm_ciphers_build_their_aead_once_and_still_seal_and_open_in_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from asyncssh.crypto.cipher import GCMCipher
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    made: list[bytes] = []
+
+    def counting_aesgcm(key: bytes) -> AESGCM:
+        made.append(key)
+        return AESGCM(key)
+
+    monkeypatch.setattr(asyncssh_patches, "AESGCM", counting_aesgcm)
+    key, iv = os.urandom(16), os.urandom(12)
+    sender, receiver = GCMCipher("aes128-gcm", key, iv), GCMCipher("aes128-gcm", key, iv)
+    packets = [os.urandom(n) for n in (16, 32768, 48)]
+    sealed = [sender.encrypt_and_sign(b"\0\0\0\x10", p) for p in packets]
+    assert [receiver.verify_and_decrypt(h[:4], h[4:], mac) for h, mac in sealed] == packets
+    assert len(made) == 2  # one per cipher, not one per packet
+    # The IVs still move in step: an old packet, or a forged tag, does not open.
+    header, mac = sealed[0]
+    assert receiver.verify_and_decrypt(header[:4], header[4:], mac) is None
+    header, mac = sender.encrypt_and_sign(b"\0\0\0\x10", b"x" * 16)
+    assert receiver.verify_and_decrypt(header[:4], header[4:], bytes(16)) is None
+
+
 def test_every_patch_keeps_asyncssh_own_functions_and_says_what_it_corrects() -> None:
     names = [p.name for p in PATCHES]
     assert len(set(names)) == len(names)
