@@ -136,6 +136,14 @@ rekey makes new cipher objects). The object is now made once, in ``__init__``: 1
 µs to encrypt a 32 KiB packet, 10 against 18 µs to decrypt one, ~1.5 µs less per small packet
 (bench/README.md). The IV bookkeeping is asyncssh's own (``_update_iv``). Upstream-worthy.
 
+``chacha-one-keystream-per-packet``: for chacha20-poly1305@openssh.com, the cipher OpenSSH's
+ssh asks for first, asyncssh makes three ChaCha20 contexts per packet on the main key's side
+(the Poly1305 key from block 0, the payload from block 1, each from a new context) and
+concatenates header and payload for Poly1305. One keystream context now gives the Poly1305
+key and then the payload (block 0, then block 1 onwards: the same bytes), and Poly1305 is fed
+header and payload in turn: 32 KiB 65-83 -> 58-64 µs to seal, 58-74 -> 50-58 to open. The
+output is byte for byte asyncssh's (a test compares both). Upstream-worthy.
+
 Why a layer and not a fork
 --------------------------
 Decision: keep this layer of named patches on the PyPI release, pinned ``asyncssh>=2.24.1,<2.25``
@@ -181,12 +189,16 @@ from typing import Any
 import asyncssh
 import asyncssh.channel
 import asyncssh.connection
+import asyncssh.crypto.chacha
 import asyncssh.crypto.cipher
 import structlog
 from asyncssh.constants import MSG_IGNORE, MSG_KEXINIT
 from asyncssh.packet import SSHPacket, String
-from cryptography.exceptions import InvalidTag
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.ciphers.algorithms import ChaCha20
+from cryptography.hazmat.primitives.poly1305 import Poly1305
 
 from gateway.errors import IncompatibleLibrary
 from gateway.ssh.algorithms import SHA1_SIGNATURES
@@ -850,9 +862,58 @@ def _install_gcm_reuse(patch: Patch) -> None:
     cls.verify_and_decrypt = verify_and_decrypt
 
 
+# --- chacha-one-keystream-per-packet --------------------------------------------------------
+
+_CHACHA_BLOCK0 = bytes(64)  # keystream block 0: its first 32 bytes are the Poly1305 key
+_CHACHA_COUNTER0 = bytes(8)  # little-endian block counter 0, before the 8-byte nonce (seq)
+
+
+def _chacha_keystream(key: bytes, nonce: bytes) -> tuple[Any, bytes]:
+    """A ChaCha20 context at block 1 of ``key``/``nonce``, and the packet's Poly1305 key."""
+    stream = Cipher(ChaCha20(key, _CHACHA_COUNTER0 + nonce), mode=None).encryptor()
+    return stream, stream.update(_CHACHA_BLOCK0)[:32]
+
+
+def _install_chacha_keystream(patch: Patch) -> None:
+    cls: Any = patch.target
+
+    def encrypt_and_sign(
+        self: Any, header: bytes, data: bytes, nonce: bytes
+    ) -> tuple[bytes, bytes]:
+        header = (
+            Cipher(ChaCha20(self._adkey, _CHACHA_COUNTER0 + nonce), mode=None)
+            .encryptor()
+            .update(header)
+        )
+        stream, poly_key = _chacha_keystream(self._key, nonce)
+        data = stream.update(data)
+        mac = Poly1305(poly_key)
+        mac.update(header)
+        mac.update(data)
+        return header + data, mac.finalize()
+
+    def verify_and_decrypt(
+        self: Any, header: bytes, data: bytes, nonce: bytes, tag: bytes
+    ) -> bytes | None:
+        stream, poly_key = _chacha_keystream(self._key, nonce)
+        mac = Poly1305(poly_key)
+        mac.update(header)
+        mac.update(data)
+        try:
+            mac.verify(tag)  # constant time
+        except InvalidSignature:
+            return None
+        plain: bytes = stream.update(data)
+        return plain
+
+    cls.encrypt_and_sign = encrypt_and_sign
+    cls.verify_and_decrypt = verify_and_decrypt
+
+
 _CONN = asyncssh.connection.SSHConnection
 _CHAN = asyncssh.channel.SSHChannel
 _GCM = asyncssh.crypto.cipher.GCMCipher
+_CHACHA = asyncssh.crypto.chacha.ChachaCipher
 
 PATCHES: tuple[Patch, ...] = (
     Patch(
@@ -989,6 +1050,16 @@ PATCHES: tuple[Patch, ...] = (
         target=_GCM,
         originals=_originals(_GCM, "__init__", "encrypt_and_sign", "verify_and_decrypt"),
         install=_install_gcm_reuse,
+    ),
+    Patch(
+        name="chacha-one-keystream-per-packet",
+        upstream=(
+            "ChachaCipher makes a new ChaCha20 context for the Poly1305 key and another for "
+            "the payload of every packet, and joins header and payload to compute the tag"
+        ),
+        target=_CHACHA,
+        originals=_originals(_CHACHA, "encrypt_and_sign", "verify_and_decrypt"),
+        install=_install_chacha_keystream,
     ),
 )
 

@@ -1030,6 +1030,40 @@ def test_gcm_ciphers_build_their_aead_once_and_still_seal_and_open_in_step(
     assert receiver.verify_and_decrypt(header[:4], header[4:], bytes(16)) is None
 
 
+def test_canary_upstream_chacha_still_makes_a_context_per_keystream_use() -> None:
+    patch = asyncssh_patches.patch_named("chacha-one-keystream-per-packet")
+    sealing = inspect.getsource(patch.original("encrypt_and_sign"))
+    opening = inspect.getsource(patch.original("verify_and_decrypt"))
+    still_there = (
+        "chacha20(self._key, data, nonce, 1)" in sealing
+        and "poly1305(self._key, header + data, nonce)" in sealing
+        and "poly1305_verify(self._key, header + data, nonce, tag)" in opening
+    )
+    _canary({}, patch.name, still_there)
+
+
+@pytest.mark.parametrize("size", [0, 1, 48, 63, 64, 65, 4096, 32768])
+def test_chacha_packets_are_byte_for_byte_asyncssh_own(size: int) -> None:
+    """Sealed by the patch and by asyncssh's own code, the same packet is the same bytes; each
+    opens the other's; a wrong tag or sequence number opens nothing."""
+    from asyncssh.crypto.chacha import ChachaCipher
+
+    patch = asyncssh_patches.patch_named("chacha-one-keystream-per-packet")
+    own_seal, own_open = patch.original("encrypt_and_sign"), patch.original("verify_and_decrypt")
+    cipher = ChachaCipher(os.urandom(64))
+    header, data = os.urandom(4), os.urandom(size)
+    for seq in (0, 1, 2**32 - 1, 2**32, 2**64 - 1):
+        nonce = seq.to_bytes(8, "big")
+        sealed = cipher.encrypt_and_sign(header, data, nonce)
+        assert sealed == own_seal(cipher, header, data, nonce)
+        body, tag = sealed[0][4:], sealed[1]
+        assert cipher.verify_and_decrypt(sealed[0][:4], body, nonce, tag) == data
+        assert own_open(cipher, sealed[0][:4], body, nonce, tag) == data
+        assert cipher.verify_and_decrypt(sealed[0][:4], body, nonce, bytes(16)) is None
+        other = ((seq + 1) % 2**64).to_bytes(8, "big")
+        assert cipher.verify_and_decrypt(sealed[0][:4], body, other, tag) is None
+
+
 def test_every_patch_keeps_asyncssh_own_functions_and_says_what_it_corrects() -> None:
     names = [p.name for p in PATCHES]
     assert len(set(names)) == len(names)
