@@ -223,6 +223,16 @@ class _EarlyUpstream:
             raise
 
 
+def _close_once_opened(opening: asyncio.Future[EarlyChannel]) -> None:
+    """Close the channel ``opening`` gives, if it gives one, now or when it does."""
+
+    def close(done: asyncio.Future[EarlyChannel]) -> None:
+        if not done.cancelled() and done.exception() is None:
+            done.result().close()
+
+    opening.add_done_callback(close)
+
+
 def _drop_result(task: asyncio.Task[Any]) -> None:
     """A preparation nobody awaited (the session ended first): its failure was expected."""
     if not task.cancelled():
@@ -423,9 +433,10 @@ class Channels:
         try:
             await self._admit_now()
         except BaseException:
-            opening.cancel()  # an open already sent is let finish and closed
+            opening.cancel()  # an open already sent is let finish and closed,
+            _close_once_opened(opening)  # and one that finished already is closed now
             raise
-        return await opening
+        return await _opened_or_closed(opening, lambda chan: chan.close())
 
     async def _open_early(self, session: AuditedSession) -> EarlyChannel:
         lease = await self._lease(session, admit=False)
