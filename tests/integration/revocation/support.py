@@ -293,6 +293,13 @@ def http(
         return status, raw.decode(errors="replace")
 
 
+def gateway_metric(metrics_port: int, name: str, **labels: str) -> float:
+    """One sample of a gateway's /metrics right now (0 when it has not been counted yet)."""
+    status, text = http("GET", metrics_port, "/metrics")
+    assert status == 200, text
+    return metric_value(str(text), name, **labels) or 0.0
+
+
 def metric_value(text: str, name: str, **labels: str) -> float | None:
     """The value of one Prometheus sample in ``text`` (None if absent)."""
     want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))

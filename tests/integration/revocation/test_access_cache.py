@@ -9,14 +9,12 @@ from pathlib import Path
 from gateway.lab.process import GatewayProcess
 from gateway.lab.seed import Tenant, unique
 from gateway.lab.user_keys import make_key
-from tests.integration.revocation.support import http, metric_value
+from tests.integration.revocation.support import gateway_metric
 from tests.integration.support import GatewayFactory, client_for
 
 
 def _lookups(gw: GatewayProcess, result: str) -> float:
-    status, text = http("GET", gw.metrics_port, "/metrics")
-    assert status == 200
-    return metric_value(str(text), "rtgw_access_cache_lookups_total", result=result) or 0.0
+    return gateway_metric(gw.metrics_port, "rtgw_access_cache_lookups_total", result=result)
 
 
 def test_repeat_logins_are_answered_from_memory_and_changes_apply_at_once(
