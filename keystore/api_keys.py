@@ -18,6 +18,7 @@ from keystore import tokens
 from keystore.db import Executor, acquire, unavailable_on_failure
 from keystore.errors import InvalidInput, InvalidToken, KeystoreError, NotFound
 from keystore.models import Creator
+from keystore.printable import name_or_none
 
 __all__ = [
     "MAX_GRACE",
@@ -131,10 +132,10 @@ def _key(row: asyncpg.Record) -> ApiKey:
 def check_name(name: object) -> str:
     if not isinstance(name, str):
         raise InvalidInput("API key name must be a string", code="invalid_name")
-    name = name.strip()
-    if not 1 <= len(name) <= 200 or any(ord(c) < 32 or ord(c) == 127 for c in name):
+    checked = name_or_none(name)
+    if checked is None:
         raise InvalidInput("API key name must be 1-200 printable characters", code="invalid_name")
-    return name
+    return checked
 
 
 async def _insert(

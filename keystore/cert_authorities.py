@@ -38,7 +38,7 @@ from keystore.db import Executor, acquire, unavailable_on_failure
 from keystore.errors import Conflict, InvalidInput, InvalidPublicKey, NotFound
 from keystore.keys import ParsedKey
 from keystore.models import CertAuthority, CertRevocation, Creator
-from keystore.printable import printable
+from keystore.printable import name_or_none, printable
 from keystore.sandboxes import SANDBOX_ID
 
 __all__ = [
@@ -128,13 +128,13 @@ def check_name(name: str) -> str:
     """The CA's name, stripped: 1-200 characters, no control characters."""
     if not isinstance(name, str):
         raise InvalidInput("the CA's name must be text", code="invalid_name")
-    name = name.strip()
-    if not 1 <= len(name) <= 200 or any(ord(c) < 32 or ord(c) == 127 for c in name):
+    checked = name_or_none(name)
+    if checked is None:
         raise InvalidInput(
             "the CA's name must be 1-200 printable characters, e.g. 'ci signer'",
             code="invalid_name",
         )
-    return name
+    return checked
 
 
 def check_principals(principals: Iterable[str]) -> tuple[str, ...]:

@@ -19,11 +19,22 @@ import unicodedata
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["AUDIT_MAX_CHARS", "LOG_MAX_CHARS", "escape", "printable", "redact", "scrub"]
+__all__ = [
+    "AUDIT_MAX_CHARS",
+    "LOG_MAX_CHARS",
+    "NAME_MAX_CHARS",
+    "escape",
+    "name_or_none",
+    "printable",
+    "redact",
+    "scrub",
+]
 
 # Longest value kept in an audit row (details, target, actor) and in a log line's field.
 AUDIT_MAX_CHARS = 256
 LOG_MAX_CHARS = 1024
+# Longest name a user gives a key, an API key or a CA.
+NAME_MAX_CHARS = 200
 
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
@@ -79,6 +90,22 @@ def redact(text: str) -> str:
     for pattern, replacement in _SECRET_PATTERNS:
         text = pattern.sub(replacement, text)
     return text
+
+
+def _control(char: str) -> bool:
+    code = ord(char)
+    return code < 0x20 or 0x7F <= code <= 0x9F  # C0, DEL and C1
+
+
+def name_or_none(name: object) -> str | None:
+    """A name as stored (surrounding spaces stripped), or None when it is not text, holds a
+    control character anywhere (C0, DEL, C1: before stripping too, so "laptop\\f" is refused
+    rather than silently cut, as the API's schema says), or is empty or over
+    ``NAME_MAX_CHARS`` once stripped. One rule for SSH keys, API keys and CAs."""
+    if not isinstance(name, str) or any(_control(c) for c in name):
+        return None
+    name = name.strip()
+    return name if 1 <= len(name) <= NAME_MAX_CHARS else None
 
 
 def scrub(value: Any, limit: int = AUDIT_MAX_CHARS) -> Any:

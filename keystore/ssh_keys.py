@@ -11,6 +11,7 @@ from keystore.db import Executor, acquire, unavailable_on_failure
 from keystore.errors import Conflict, InvalidInput, NotFound
 from keystore.keys import ParsedKey
 from keystore.models import Creator, SshKey
+from keystore.printable import name_or_none
 
 _COLUMNS = (
     "k.id, k.org_id, k.project_id, p.slug AS project_slug, k.name, k.algorithm, k.bits, "
@@ -25,10 +26,10 @@ def _key(row: asyncpg.Record) -> SshKey:
 
 
 def check_name(name: str) -> str:
-    name = name.strip()
-    if not 1 <= len(name) <= 200 or any(ord(c) < 32 or ord(c) == 127 for c in name):
+    checked = name_or_none(name)
+    if checked is None:
         raise InvalidInput("key name must be 1-200 printable characters", code="invalid_name")
-    return name
+    return checked
 
 
 async def add_key(

@@ -28,7 +28,7 @@ from keystore.models import CREATOR_TYPES
 SLUG_PATTERN = "^[a-z0-9][a-z0-9-]{0,62}$"
 DURATION_PATTERN = "^[0-9]{1,12}[smhdw]$"
 # 1-200 characters, no control characters, not only spaces.
-NAME_PATTERN = "^[^\\x00-\\x1f\\x7f]*[^\\x00-\\x20\\x7f][^\\x00-\\x1f\\x7f]*$"
+NAME_PATTERN = "^[^\\x00-\\x1f\\x7f-\\x9f]*[^\\x00-\\x20\\x7f-\\x9f][^\\x00-\\x1f\\x7f-\\x9f]*$"
 _TIME = {"type": "string", "format": "date-time"}
 _NULLABLE_TIME = {"type": ["string", "null"], "format": "date-time"}
 _NAME = {"type": "string", "minLength": 1, "maxLength": 200, "pattern": NAME_PATTERN}

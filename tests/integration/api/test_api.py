@@ -446,6 +446,8 @@ async def test_two_orgs_may_register_the_same_key_without_learning_of_each_other
         (b'{"name": "x", "public_key": "x", "org_id": "other"}', "unknown_field"),
         (b'{"name": "", "public_key": "PLACEHOLDER"}', "invalid_name"),
         (b'{"name": "a\\u0000b", "public_key": "PLACEHOLDER"}', "invalid_name"),
+        (b'{"name": "laptop\\f", "public_key": "PLACEHOLDER"}', "invalid_name"),
+        (b'{"name": "\\u008a", "public_key": "PLACEHOLDER"}', "invalid_name"),
         (b'{"name": "a\\udc00b", "public_key": "PLACEHOLDER"}', "invalid_json"),
         (b'{"name": "x", "public_key": "PLACEHOLDER", "\\ud800": 1}', "invalid_json"),
         (b'{"name": "x", "public_key": "PLACEHOLDER", "project": "Bad Slug"}', "invalid_slug"),
@@ -464,6 +466,22 @@ async def test_malformed_bodies_are_refused_with_400(
     )
     assert r.status == 400, r.text
     assert r.code == code
+
+
+@pytest.mark.parametrize("name", ["\u008a\f", "ci\f", "\u0085deploy", "\tci"])
+async def test_an_api_key_name_with_a_control_character_is_refused_and_nothing_is_created(
+    api: Api, admin: str, name: str
+) -> None:
+    """Found by the schema fuzzer: "\\u008a\\f" was stripped to a control character and stored
+    as a new key's name. The schema forbids control characters anywhere; so does the API."""
+    before = await api.call("GET", "/v1/api-keys", admin)
+    r = await api.call(
+        "POST", "/v1/api-keys", admin, json_body={"name": name, "scopes": ["ssh-key:*"]}
+    )
+    assert r.status == 400, r.text
+    assert r.code == "invalid_name"
+    after = await api.call("GET", "/v1/api-keys", admin)
+    assert [k["id"] for k in after.body["data"]] == [k["id"] for k in before.body["data"]]
 
 
 async def test_a_post_without_a_body_is_refused_with_400(api: Api, admin: str) -> None:
