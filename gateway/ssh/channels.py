@@ -181,28 +181,6 @@ class RefusedSession(asyncssh.SSHServerSession[bytes]):
             on_end()
 
 
-class _SessionUpstream:
-    """What a session's relay sees as its upstream connection: ``create_session`` on the
-    leased connection, retried once on another when the sandbox refuses it as full."""
-
-    def __init__(self, owner: Channels, holder: object, lease: Lease) -> None:
-        self._owner = owner
-        self._holder = holder
-        self._lease = lease
-
-    async def create_session(
-        self, session_factory: Callable[[], asyncssh.SSHClientSession[Any]], *args: Any, **kw: Any
-    ) -> tuple[asyncssh.SSHClientChannel[Any], asyncssh.SSHClientSession[Any]]:
-        def open_on(
-            conn: asyncssh.SSHClientConnection,
-        ) -> Awaitable[tuple[asyncssh.SSHClientChannel[Any], asyncssh.SSHClientSession[Any]]]:
-            return conn.create_session(session_factory, *args, **kw)
-
-        return await self._owner.open_on_lease(
-            self._holder, self._lease, open_on, lambda opened: opened[0].close(), retry=True
-        )
-
-
 class _EarlyUpstream:
     """What a session's relay sees as its upstream connection when its channel was opened
     early (``Channels._prepare``): ``create_session`` sends only the requests."""
@@ -490,9 +468,8 @@ class Channels:
             session.notice(messages.FORWARDING_DISABLED.render(what="Agent forwarding (ssh -A)"))
         # The relay only calls create_session on what is returned (gateway/relay/session.py).
         prepared = self._prepared.pop(session, None)
-        if prepared is None:  # dropped (cannot happen before the session ends): open it now
-            lease = await self._lease(session)
-            return cast(asyncssh.SSHClientConnection, _SessionUpstream(self, session, lease))
+        if prepared is None:  # dropped: the session ended before it started
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, _CLIENT_GONE)
         chan = await _opened_or_closed(prepared, lambda early: early.close())
         return cast(asyncssh.SSHClientConnection, _EarlyUpstream(chan))
 

@@ -137,7 +137,13 @@ async def _add_ca(pool: Any, org_id: uuid.UUID, principals: list[str] | None = N
     )
 
 
-def _cert_grant(org: Any, ca_id: Any, key_id: str = "alice", serial: int = 1) -> Grant:
+def _cert_grant(
+    org: Any,
+    ca_id: Any,
+    key_id: str = "alice",
+    serial: int = 1,
+    principals: tuple[str, ...] | None = None,
+) -> Grant:
     return Grant(
         org.sandbox_id,
         org.id,
@@ -145,6 +151,7 @@ def _cert_grant(org: Any, ca_id: Any, key_id: str = "alice", serial: int = 1) ->
         credential=access.CERTIFICATE,
         cert_key_id=key_id,
         cert_serial=serial,
+        cert_principals=principals,
     )
 
 
@@ -243,15 +250,7 @@ async def test_a_certificate_let_in_by_a_ca_principal_ends_when_the_ca_drops_it(
     await _add_ca(pool, other.id, ["team-infra"])
 
     def via(*principals: str) -> Grant:
-        return Grant(
-            org.sandbox_id,
-            org.id,
-            ca,
-            credential=access.CERTIFICATE,
-            cert_key_id="alice",
-            cert_serial=1,
-            cert_principals=principals,
-        )
+        return _cert_grant(org, ca, principals=principals)
 
     named = _cert_grant(org, ca)  # the certificate names the sandbox itself: no principal to lose
     checks = await access.check_grants(pool, [via("team-infra"), via("oncall"), named])
